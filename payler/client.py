@@ -1,0 +1,142 @@
+"""The built-in workflows, under the original Payler's names.
+
+- ``client.process_queue``: broker → spool. Consume ``queue``; schedule each message from its
+  headers; store the batch durably; dead-letter the invalid ones with the reason; *then* ack.
+- ``client.watch_storage``: spool → broker. Claim due payloads; publish them (confirmed,
+  mandatory) to their destination without the scheduling headers; delete each entry only after
+  its publish was confirmed. Unroutable ones are dead-lettered with the reason; transient
+  failures are retried with backoff, then dead-lettered after ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from payler.drivers.base import Rejection
+from payler.drivers.brokers import broker_from_url
+from payler.drivers.brokers.base import Broker
+from payler.drivers.storages import storage_from_url
+from payler.drivers.storages.base import SpoolStorage, WatchSettings
+from payler.errors import InvalidSchedule
+from payler.options import ProcessQueueOptions, WatchStorageOptions
+from payler.payload import Payload
+from payler.scheduling import SchedulingRules, schedule
+from payler.workflow import WorkflowContext
+
+
+async def process_queue(ctx: WorkflowContext) -> None:
+    """Consume a queue and spool each message until it is due (see the module docstring)."""
+    options: ProcessQueueOptions = ctx.options
+    rules = SchedulingRules(
+        default_destination=options.default_destination,
+        default_delay_ms=options.default_delay_ms,
+        max_delay_ms=options.max_delay_ms,
+        delay_from=options.delay_from,
+    )
+    storage = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
+    broker = broker_from_url(
+        options.broker_url,
+        queue=options.queue,
+        prefetch=options.prefetch,
+        batch_size=options.batch_size,
+        clock=ctx.clock,
+        metrics=ctx.metrics,
+    )
+    async with storage, broker:
+        await broker.ensure_queue(options.queue)
+        await broker.ensure_queue(options.dead_letter_queue)
+        ctx.ready()
+        ctx.log.info("spooling messages of queue %r into %s", options.queue, type(storage).__name__)
+        await broker.serve(
+            lambda batch: spool(batch, storage, broker, rules, options.dead_letter_queue, ctx),
+            ctx.stop,
+        )
+
+
+process_queue.options_model = ProcessQueueOptions  # type: ignore[attr-defined]
+
+
+async def spool(
+    batch: Sequence[Payload],
+    storage: SpoolStorage,
+    broker: Broker,
+    rules: SchedulingRules,
+    dead_letter_queue: str,
+    ctx: WorkflowContext,
+) -> list[Rejection]:
+    """Schedule, store and dead-letter one batch; return only once all of it is durable."""
+    scheduled, invalid = [], []
+    for payload in batch:
+        try:
+            when = schedule(
+                payload.headers,
+                received_ms=payload.created_ms,
+                published_ms=payload.properties.timestamp_ms,
+                rules=rules,
+            )
+        except InvalidSchedule as exc:
+            invalid.append((payload, exc.reason))
+            continue
+        scheduled.append(
+            payload.model_copy(update={"due_ms": when.due_ms, "destination": when.destination})
+        )
+    new = await storage.store(scheduled)
+    ctx.metrics.incr("spooled", new)
+    ctx.metrics.incr("duplicates", len(scheduled) - new)
+    if invalid:
+        for payload, reason in invalid:
+            ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
+        await broker.dead_letter(invalid, dead_letter_queue)
+    return []
+
+
+async def watch_storage(ctx: WorkflowContext) -> None:
+    """Deliver due payloads from the spool to the broker (see the module docstring)."""
+    options: WatchStorageOptions = ctx.options
+    storage = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
+    broker = broker_from_url(
+        options.broker_url, exchange=options.exchange, clock=ctx.clock, metrics=ctx.metrics
+    )
+    settings = WatchSettings(
+        batch_size=options.batch_size,
+        lease_ms=options.lease_ms,
+        max_poll_interval_s=options.max_poll_interval_ms / 1000,
+        retry_base_s=options.retry_base_ms / 1000,
+        retry_max_s=options.retry_max_ms / 1000,
+    )
+    async with storage, broker:
+        for queue in [*options.declare_queues, options.dead_letter_queue]:
+            await broker.ensure_queue(queue)
+        ctx.ready()
+        ctx.log.info("delivering due payloads from %s", type(storage).__name__)
+        await storage.serve(
+            lambda batch: deliver(batch, broker, options, ctx), ctx.stop, settings=settings
+        )
+
+
+watch_storage.options_model = WatchStorageOptions  # type: ignore[attr-defined]
+
+
+async def deliver(
+    batch: Sequence[Payload], broker: Broker, options: WatchStorageOptions, ctx: WorkflowContext
+) -> list[Rejection]:
+    """Publish one batch; dead-letter what cannot be delivered; return what to retry later."""
+    rejections = await broker.process(batch)
+    by_id = {p.id: p for p in batch}
+    give_up, retry = [], []
+    for rejection in rejections:
+        payload = by_id[rejection.payload_id]
+        if rejection.permanent:
+            give_up.append((payload, rejection.reason))
+        elif payload.attempts + 1 >= options.max_attempts:
+            give_up.append(
+                (payload, f"gave up after {payload.attempts + 1} attempts: {rejection.reason}")
+            )
+        else:
+            retry.append(rejection)
+    for payload, reason in give_up:
+        ctx.log.warning("dead-lettering payload %s: %s", payload.id, reason)
+    await broker.dead_letter(give_up, options.dead_letter_queue)
+    ctx.metrics.incr("delivered", len(batch) - len(rejections))
+    ctx.metrics.incr("retried", len(retry))
+    return retry

@@ -1,0 +1,1 @@
+"""Drivers: the parts that talk to brokers (``brokers/``) and spool storages (``storages/``)."""

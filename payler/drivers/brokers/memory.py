@@ -1,0 +1,109 @@
+"""An in-memory broker: for users' own tests and fast unit tests of the core.
+
+``memory://NAME`` is a set of named queues shared by every driver of this process that names the
+same broker. It keeps RabbitMQ's rules where they matter to payler: publishing to a queue that does
+not exist is a permanent rejection (unroutable), a served batch is acknowledged only after the
+handler returned, and what the handler rejected transiently (or everything, when it raised) goes
+back to the head of the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+
+from payler.drivers.base import Handler, Rejection
+from payler.drivers.brokers.base import Broker, dead_letter_headers
+from payler.payload import Payload
+from payler.scheduling import without_scheduling_headers
+
+
+class _Queues:
+    def __init__(self) -> None:
+        self.messages: dict[str, deque[Payload]] = {}
+        self.changed = asyncio.Event()
+
+
+_brokers: dict[str, _Queues] = {}
+
+
+class MemoryBroker(Broker):
+    """A broker in this process (see the module docstring)."""
+
+    async def connect(self) -> None:
+        name = self.url.partition("://")[2] or "default"
+        self._queues = _brokers.setdefault(name, _Queues())
+
+    async def close(self) -> None:
+        pass
+
+    @classmethod
+    def forget_all(cls) -> None:
+        """Drop every in-memory broker of this process (between tests)."""
+        _brokers.clear()
+
+    async def ensure_queue(self, name: str) -> None:
+        self._queues.messages.setdefault(name, deque())
+
+    def publish(self, queue: str, payload: Payload) -> None:
+        """Put ``payload`` on ``queue`` as a producer would (the queue is created if missing)."""
+        self._queues.messages.setdefault(queue, deque()).append(payload)
+        self._queues.changed.set()
+
+    def messages(self, queue: str) -> list[Payload]:
+        """What is waiting on ``queue`` now, oldest first."""
+        return list(self._queues.messages.get(queue, ()))
+
+    async def serve(self, handler: Handler, stop: asyncio.Event) -> None:
+        if self.queue is None:
+            raise ValueError("this broker was opened without a queue to serve")
+        await self.ensure_queue(self.queue)
+        pending = self._queues.messages[self.queue]
+        while not stop.is_set():
+            if not pending:
+                self._queues.changed.clear()
+                waiters = [
+                    asyncio.ensure_future(self._queues.changed.wait()),
+                    asyncio.ensure_future(stop.wait()),
+                ]
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+                continue
+            now_ms = self.clock.now_ms()
+            batch = [
+                pending.popleft().model_copy(
+                    update={"source": self.queue, "destination": "", "due_ms": now_ms}
+                )
+                for _ in range(min(self.batch_size, len(pending)))
+            ]
+            self.metrics.incr("received", len(batch))
+            try:
+                rejections = {r.payload_id: r for r in await handler(batch)}
+            except BaseException:
+                pending.extendleft(reversed(batch))
+                raise
+            requeue = [p for p in batch if p.id in rejections and not rejections[p.id].permanent]
+            pending.extendleft(reversed(requeue))
+
+    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+        rejections = []
+        for payload in batch:
+            queue = self._queues.messages.get(payload.destination)
+            if queue is None:
+                reason = f"unroutable: no queue is bound to {payload.destination!r} (NO_ROUTE 312)"
+                rejections.append(Rejection(payload.id, reason, permanent=True))
+                continue
+            queue.append(
+                payload.model_copy(update={"headers": without_scheduling_headers(payload.headers)})
+            )
+        self._queues.changed.set()
+        return rejections
+
+    async def dead_letter(self, items: Sequence[tuple[Payload, str]], queue: str) -> None:
+        now_ms = self.clock.now_ms()
+        for payload, reason in items:
+            headers = dead_letter_headers(payload, reason, now_ms)
+            self.publish(queue, payload.model_copy(update={"headers": headers}))
+        self.metrics.incr("dead_lettered", len(items))

@@ -1,0 +1,287 @@
+"""RabbitMQ, through aio-pika.
+
+- A robust (reconnecting) connection; consuming with a prefetch window; messages taken in
+  natural batches (whatever has arrived, up to ``batch_size``, without waiting for more), and
+  acknowledged once per batch after the handler returned.
+- Publishing with publisher confirms and ``mandatory``: an unroutable message comes back as a
+  permanent rejection; the publishes of a batch are pipelined (sent together, confirmed together).
+- An existing queue is used as it is, whatever its arguments (Payler 0.2.0 declared
+  ``payler-jobs`` non-durable; users declare theirs durable, with TTLs or DLXs): the queue is
+  looked up passively and declared (durable) only when it does not exist, so payler never fails
+  with PRECONDITION_FAILED on start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+
+from payler.drivers.base import Handler, Rejection
+from payler.drivers.brokers.base import Broker, dead_letter_headers
+from payler.errors import StartupError, TransientError
+from payler.identity import amqp_spool_id
+from payler.payload import MessageProperties, Payload
+from payler.scheduling import without_scheduling_headers
+from payler.urls import mask_url
+
+log = logging.getLogger("payler.rabbitmq")
+
+#: How long the first connection may take before start-up fails.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class RabbitMQBroker(Broker):
+    """A RabbitMQ broker (see the module docstring)."""
+
+    _connection: AbstractRobustConnection | None = None
+    _publish_channel: AbstractChannel | None = None
+
+    async def connect(self) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.url,
+                timeout=CONNECT_TIMEOUT_S,
+                client_properties={"connection_name": "payler"},
+            )
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+            await self.close()
+            raise StartupError(
+                f"cannot connect to RabbitMQ at {mask_url(self.url)}: {_describe(exc)}"
+            ) from exc
+
+    async def close(self) -> None:
+        connection, self._connection, self._publish_channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # closing a lost connection must not fail
+                await connection.close()
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise RuntimeError("the RabbitMQ broker is not connected (use it as `async with`)")
+        return self._connection
+
+    async def ensure_queue(self, name: str) -> None:
+        # A passive declare that fails closes its channel: use a throwaway one.
+        async with self.connection.channel() as probe:
+            try:
+                await probe.declare_queue(name, passive=True)
+                return
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                pass
+        async with self.connection.channel() as channel:
+            await channel.declare_queue(name, durable=True)
+        log.info("declared durable queue %r (it did not exist)", name)
+
+    # -- as a source ---------------------------------------------------------------------------
+
+    async def serve(self, handler: Handler, stop: asyncio.Event) -> None:
+        if self.queue is None:
+            raise ValueError("this broker was opened without a queue to serve")
+        await self.ensure_queue(self.queue)
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        async with self.connection.channel() as channel:
+            await channel.set_qos(prefetch_count=self.prefetch)
+            queue = await channel.get_queue(self.queue, ensure=False)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                inbox.put_nowait(message)
+
+            consumer_tag = await queue.consume(on_message)
+            try:
+                while not stop.is_set():
+                    batch = await _next_batch(inbox, stop, self.batch_size)
+                    if batch:
+                        await self._handle(batch, handler)
+            finally:
+                # Unacknowledged messages (the inbox included) go back to the queue when the
+                # channel closes: nothing held here is lost.
+                with contextlib.suppress(Exception):
+                    await queue.cancel(consumer_tag)
+
+    async def _handle(self, messages: list[AbstractIncomingMessage], handler: Handler) -> None:
+        received_ms = self.clock.now_ms()
+        payloads = [self._decode(m, received_ms) for m in messages]
+        self.metrics.incr("received", len(messages))
+        rejections = {r.payload_id: r for r in await handler(payloads)}
+        try:
+            if not rejections:
+                await messages[-1].ack(multiple=True)
+                return
+            for message, payload in zip(messages, payloads, strict=True):
+                rejection = rejections.get(payload.id)
+                if rejection is None:
+                    await message.ack()
+                else:
+                    await message.nack(requeue=not rejection.permanent)
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError) as exc:
+            raise TransientError(
+                f"could not acknowledge {len(messages)} messages of {self.queue!r} "
+                f"(they will be redelivered): {_describe(exc)}"
+            ) from exc
+
+    def _decode(self, message: AbstractIncomingMessage, received_ms: int) -> Payload:
+        queue = self.queue or ""
+        return Payload(
+            id=amqp_spool_id(queue, message.message_id),
+            body=message.body,
+            headers=dict(message.headers or {}),
+            properties=MessageProperties(
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                correlation_id=message.correlation_id,
+                message_id=message.message_id,
+                reply_to=message.reply_to,
+                type=message.type,
+                priority=message.priority,
+                timestamp_ms=_epoch_ms(message.timestamp),
+                delivery_mode=int(message.delivery_mode) if message.delivery_mode else None,
+                expiration=_expiration_ms(message.expiration),
+                app_id=message.app_id,
+            ),
+            source=queue,
+            destination="",
+            due_ms=received_ms,
+            created_ms=received_ms,
+        )
+
+    # -- as a destination ----------------------------------------------------------------------
+
+    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+        exchange = await self._exchange(self.exchange)
+        results = await asyncio.gather(
+            *(
+                exchange.publish(_encode(p, without_scheduling_headers(p.headers)), p.destination)
+                for p in batch
+            ),
+            return_exceptions=True,
+        )
+        rejections = []
+        for payload, result in zip(batch, results, strict=True):
+            if not isinstance(result, BaseException):
+                continue
+            if isinstance(result, aio_pika.exceptions.PublishError):  # returned: unroutable
+                rejections.append(Rejection(payload.id, _returned_reason(result, payload), True))
+            elif isinstance(result, aio_pika.exceptions.DeliveryError):  # nacked by the broker
+                rejections.append(Rejection(payload.id, "the broker refused (nack) the publish"))
+            elif isinstance(result, Exception):
+                raise TransientError(
+                    f"publishing to RabbitMQ failed: {_describe(result)}"
+                ) from result
+            else:
+                raise result
+        return rejections
+
+    async def dead_letter(self, items: Sequence[tuple[Payload, str]], queue: str) -> None:
+        if not items:
+            return
+        exchange = await self._exchange("")
+        now_ms = self.clock.now_ms()
+        results = await asyncio.gather(
+            *(
+                exchange.publish(_encode(p, dead_letter_headers(p, reason, now_ms)), queue)
+                for p, reason in items
+            ),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise TransientError(
+                f"dead-lettering {len(failures)} of {len(items)} messages to {queue!r} failed: "
+                f"{_describe(failures[0])}"
+            ) from failures[0]
+        self.metrics.incr("dead_lettered", len(items))
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        if self._publish_channel is None:
+            raise RuntimeError("the RabbitMQ broker is not connected (use it as `async with`)")
+        if not name:
+            return self._publish_channel.default_exchange
+        return await self._publish_channel.get_exchange(name, ensure=False)
+
+
+async def _next_batch(
+    inbox: asyncio.Queue[AbstractIncomingMessage], stop: asyncio.Event, limit: int
+) -> list[AbstractIncomingMessage]:
+    """Wait for one message (or ``stop``), then take whatever else has arrived, up to ``limit``."""
+    if inbox.empty():
+        getter = asyncio.ensure_future(inbox.get())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([getter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not getter.done():
+            getter.cancel()
+            return []
+        batch = [getter.result()]
+    else:
+        batch = []
+    while len(batch) < limit and not inbox.empty():
+        batch.append(inbox.get_nowait())
+    return batch
+
+
+def _encode(payload: Payload, headers: dict[str, Any]) -> aio_pika.Message:
+    props = payload.properties
+    return aio_pika.Message(
+        body=payload.body,
+        headers=headers,
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        correlation_id=props.correlation_id,
+        message_id=props.message_id,
+        reply_to=props.reply_to,
+        type=props.type,
+        priority=props.priority,
+        timestamp=(
+            datetime.fromtimestamp(props.timestamp_ms / 1000, UTC)
+            if props.timestamp_ms is not None
+            else None
+        ),
+        delivery_mode=DeliveryMode(props.delivery_mode) if props.delivery_mode else None,
+        expiration=int(props.expiration) / 1000 if props.expiration else None,
+        app_id=props.app_id,
+    )
+
+
+def _expiration_ms(seconds: object) -> str | None:
+    # aio-pika decodes the AMQP expiration (milliseconds, as text) into float seconds.
+    if isinstance(seconds, int | float):
+        return str(round(seconds * 1000))
+    return None
+
+
+def _epoch_ms(moment: datetime | None) -> int | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return round(moment.timestamp() * 1000)
+
+
+def _returned_reason(error: aio_pika.exceptions.PublishError, payload: Payload) -> str:
+    frame = error.frame
+    code = getattr(frame, "reply_code", None)
+    text = getattr(frame, "reply_text", None) or "NO_ROUTE"
+    return f"unroutable: no queue is bound to {payload.destination!r} ({text} {code or ''})".strip()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text

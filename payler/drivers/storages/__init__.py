@@ -1,0 +1,38 @@
+"""Spool storages, chosen by URL scheme; each backend is imported only when used.
+
+=================  ======================================================
+``sqlite:///PATH``  the embedded default: a file, no server (``sqlite:////abs/path``)
+``mongodb://...``   MongoDB (``mongodb+srv://`` too), through pymongo's asyncio API
+``memory://NAME``   in this process only: for tests
+=================  ======================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from payler.clock import Clock
+from payler.drivers.storages.base import SpoolStorage
+from payler.errors import ConfigError
+from payler.metrics import Metrics
+from payler.urls import mask_url
+
+_BACKENDS: dict[str, tuple[str, str]] = {
+    "sqlite": ("payler.drivers.storages.sqlite", "SQLiteStorage"),
+    "mongodb": ("payler.drivers.storages.mongodb", "MongoStorage"),
+    "mongodb+srv": ("payler.drivers.storages.mongodb", "MongoStorage"),
+    "memory": ("payler.drivers.storages.memory", "MemoryStorage"),
+}
+
+
+def storage_from_url(
+    url: str, *, clock: Clock | None = None, metrics: Metrics | None = None
+) -> SpoolStorage:
+    """The storage driver for ``url`` (not yet connected: use it as ``async with``)."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in _BACKENDS:
+        known = ", ".join(f"{s}://" for s in _BACKENDS)
+        raise ConfigError(f"storage URL {mask_url(url)!r}: unknown scheme; expected one of {known}")
+    module_name, class_name = _BACKENDS[scheme]
+    backend: type[SpoolStorage] = getattr(importlib.import_module(module_name), class_name)
+    return backend(url, clock=clock, metrics=metrics)

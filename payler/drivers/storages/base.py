@@ -1,0 +1,355 @@
+"""The spool storage contract, and the watch loop every storage shares.
+
+A spool entry is a :class:`~payler.payload.Payload` plus its bookkeeping: a *visibility* time
+(when it may next be claimed), a lease *token*, and a state (``pending`` or ``dead``).
+
+Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
+
+- ``store(batch)``: durably stores the payloads, idempotently by ``id``: a payload whose id is
+  already stored (pending or dead) is left as it is. Returns how many were new. Returns only once
+  the write is durable (that is what lets a source be acknowledged).
+- ``claim_due(now_ms, limit, lease_ms)``: atomically leases up to ``limit`` pending entries whose
+  visibility time is ``<= now_ms``, earliest due first. A leased entry is invisible to other
+  claimants until ``now_ms + lease_ms``; each claim carries a fresh fencing ``token``. Two
+  claimants never hold the same entry at once; a crashed claimant's entries come back when the
+  lease expires.
+- ``ack(claims)``: deletes each entry **only if** its token is still the claim's (a stale holder,
+  whose lease expired and was re-claimed, deletes nothing). Returns how many were deleted.
+- ``retry(claim, due_ms, reason)``: under the same token check, makes the entry pending again at
+  ``due_ms`` with ``attempts + 1`` and ``last_error = reason``.
+- ``dead_letter(claim, reason)``: under the same token check, parks the entry as ``dead`` with the
+  reason: kept for inspection, never claimed again.
+- ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
+- Admin: ``get``, ``list`` (filters: destination, due range, state; cursor pagination in due order),
+  ``count``, ``cancel`` (delete), ``reschedule`` (new due time, lease dropped).
+
+Backends implement the ``_``-prefixed hooks; the public methods here validate arguments and keep
+the shared bookkeeping (the local wake-up of watchers when a sooner entry is stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import random
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from payler.clock import Clock, SystemClock
+from payler.drivers.base import BaseDriver, Handler, Rejection
+from payler.metrics import Metrics
+from payler.payload import Payload
+
+log = logging.getLogger("payler.storage")
+
+EntryState = Literal["pending", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased spool entry: the payload and the fencing token that proves the lease."""
+
+    payload: Payload
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of an admin listing; pass ``next_cursor`` back to get the next one."""
+
+    items: list[Payload]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    """How a storage's watch loop (:meth:`SpoolStorage.serve`) claims and waits.
+
+    The loop sleeps until the earliest visible entry, but never longer than
+    ``max_poll_interval_s`` (entries stored by *other* processes wake no one here) and never less
+    than ``min_poll_interval_s`` (so a storage error or a clock skew cannot make it spin).
+    A transient rejection is retried after ``retry_base_s * 2**attempts`` seconds (with jitter),
+    capped at ``retry_max_s``.
+    """
+
+    batch_size: int = 100
+    lease_ms: int = 30_000
+    max_poll_interval_s: float = 1.0
+    min_poll_interval_s: float = 0.001
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+
+
+@dataclass(slots=True, eq=False)  # eq=False: hashed by identity, kept in sets
+class _Watcher:
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_at_ms: int | None = None
+
+
+class _DueBoard:
+    """Wakes this process's watchers of a storage when a sooner entry is stored locally."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[_Watcher]] = {}
+
+    def add(self, key: str, watcher: _Watcher) -> None:
+        self._watchers.setdefault(key, set()).add(watcher)
+
+    def remove(self, key: str, watcher: _Watcher) -> None:
+        self._watchers.get(key, set()).discard(watcher)
+
+    def stored(self, key: str, earliest_due_ms: int) -> None:
+        for watcher in self._watchers.get(key, ()):
+            if watcher.wake_at_ms is None or earliest_due_ms < watcher.wake_at_ms:
+                watcher.wake.set()
+
+
+_board = _DueBoard()
+
+
+class SpoolStorage(BaseDriver):
+    """A spool storage; see the module docstring for the contract."""
+
+    #: URL schemes this backend serves (``sqlite``, ``mongodb``, ...).
+    schemes: tuple[str, ...] = ()
+
+    def __init__(
+        self, url: str, *, clock: Clock | None = None, metrics: Metrics | None = None
+    ) -> None:
+        self.url = url
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def store(self, batch: Sequence[Payload]) -> int:
+        """Durably store ``batch``, idempotently by id; return how many were new."""
+        if not batch:
+            return 0
+        stored = await self._store(batch)
+        _board.stored(self.url, min(p.due_ms for p in batch))
+        return stored
+
+    async def claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
+        """Lease up to ``limit`` entries visible at ``now_ms``, earliest due first."""
+        if limit <= 0 or lease_ms <= 0:
+            raise ValueError("limit and lease_ms must be positive")
+        return await self._claim_due(now_ms, limit, lease_ms)
+
+    async def ack(self, claims: Sequence[Claim]) -> int:
+        """Delete the claimed entries whose lease is still held; return how many."""
+        return await self._ack(claims) if claims else 0
+
+    async def retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+        """Make a claimed entry pending again at ``due_ms``, attempts + 1; False if lease lost."""
+        done = await self._retry(claim, due_ms, reason)
+        if done:
+            _board.stored(self.url, due_ms)
+        return done
+
+    async def dead_letter(self, claim: Claim, reason: str) -> bool:
+        """Park a claimed entry as dead with ``reason``; False if the lease was lost."""
+        return await self._dead_letter(claim, reason)
+
+    async def next_visible_ms(self) -> int | None:
+        """The earliest time a pending entry may be claimed; ``None`` when there is none."""
+        return await self._next_visible_ms()
+
+    async def get(self, payload_id: str) -> Payload | None:
+        """The entry with this id (pending or dead), or ``None``."""
+        return await self._get(payload_id)
+
+    async def list(
+        self,
+        *,
+        destination: str | None = None,
+        due_from_ms: int | None = None,
+        due_to_ms: int | None = None,
+        state: EntryState = "pending",
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """Entries in due order, filtered; ``cursor`` from the previous page continues it."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        return await self._list(destination, due_from_ms, due_to_ms, state, limit, cursor)
+
+    async def count(self, *, destination: str | None = None, state: EntryState = "pending") -> int:
+        """How many entries, filtered."""
+        return await self._count(destination, state)
+
+    async def cancel(self, payload_id: str) -> bool:
+        """Delete an entry whatever its state; False if there was none."""
+        return await self._cancel(payload_id)
+
+    async def reschedule(self, payload_id: str, due_ms: int) -> bool:
+        """Give a pending or dead entry a new due time (it becomes pending, unleased)."""
+        done = await self._reschedule(payload_id, due_ms)
+        if done:
+            _board.stored(self.url, due_ms)
+        return done
+
+    # -- the driver side -----------------------------------------------------------------------
+
+    async def process(self, batch: Sequence[Payload]) -> builtins.list[Rejection]:
+        """As a destination, a storage stores: every payload is taken once this returns."""
+        await self.store(batch)
+        return []
+
+    async def serve(
+        self, handler: Handler, stop: asyncio.Event, *, settings: WatchSettings | None = None
+    ) -> None:
+        """The watch loop: claim due entries, hand them to ``handler``, settle each.
+
+        Entries the handler did not reject are deleted (their lease permitting); a transient
+        rejection is retried with backoff, a permanent one is parked as dead.
+        """
+        settings = settings or WatchSettings()
+        watcher = _Watcher()
+        _board.add(self.url, watcher)
+        try:
+            while not stop.is_set():
+                now_ms = self.clock.now_ms()
+                claims = await self.claim_due(now_ms, settings.batch_size, settings.lease_ms)
+                if claims:
+                    self.metrics.observe_lateness([now_ms - c.payload.due_ms for c in claims])
+                    await self._hand_over(handler, claims, settings)
+                    continue
+                await self._wait_for_due(watcher, stop, settings)
+        finally:
+            _board.remove(self.url, watcher)
+
+    async def _hand_over(
+        self, handler: Handler, claims: Sequence[Claim], settings: WatchSettings
+    ) -> None:
+        rejections = {r.payload_id: r for r in await handler([c.payload for c in claims])}
+        done = [c for c in claims if c.payload.id not in rejections]
+        # Settling runs shielded: once the destination has the payloads, a cancellation must not
+        # stop us between the publish and the delete (that would only cost a duplicate, but
+        # there is no reason to pay it on every shutdown).
+        await asyncio.shield(self._settle(done, claims, rejections, settings))
+
+    async def _settle(
+        self,
+        done: Sequence[Claim],
+        claims: Sequence[Claim],
+        rejections: dict[str, Rejection],
+        settings: WatchSettings,
+    ) -> None:
+        deleted = await self.ack(done)
+        if deleted < len(done):
+            log.warning(
+                "%d delivered entries had lost their lease (another instance re-claimed them); "
+                "they may be delivered twice",
+                len(done) - deleted,
+            )
+        for claim in claims:
+            rejection = rejections.get(claim.payload.id)
+            if rejection is None:
+                continue
+            if rejection.permanent:
+                await self.dead_letter(claim, rejection.reason)
+            else:
+                delay_s = min(
+                    settings.retry_max_s, settings.retry_base_s * 2**claim.payload.attempts
+                )
+                delay_s *= random.uniform(0.8, 1.2)
+                await self.retry(
+                    claim, self.clock.now_ms() + round(delay_s * 1000), rejection.reason
+                )
+
+    async def _wait_for_due(
+        self, watcher: _Watcher, stop: asyncio.Event, settings: WatchSettings
+    ) -> None:
+        now_ms = self.clock.now_ms()
+        horizon_ms = now_ms + round(settings.max_poll_interval_s * 1000)
+        next_ms = await self.next_visible_ms()
+        wake_at_ms = horizon_ms if next_ms is None else min(next_ms, horizon_ms)
+        watcher.wake_at_ms = wake_at_ms
+        watcher.wake.clear()
+        delay_s = max(settings.min_poll_interval_s, (wake_at_ms - now_ms) / 1000)
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))
+        waiters = [sleeper, asyncio.ensure_future(watcher.wake.wait())]
+        waiters.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            watcher.wake_at_ms = None
+
+    # -- backend hooks ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def _store(self, batch: Sequence[Payload]) -> int: ...
+
+    @abstractmethod
+    async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> builtins.list[Claim]: ...
+
+    @abstractmethod
+    async def _ack(self, claims: Sequence[Claim]) -> int: ...
+
+    @abstractmethod
+    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool: ...
+
+    @abstractmethod
+    async def _dead_letter(self, claim: Claim, reason: str) -> bool: ...
+
+    @abstractmethod
+    async def _next_visible_ms(self) -> int | None: ...
+
+    @abstractmethod
+    async def _get(self, payload_id: str) -> Payload | None: ...
+
+    @abstractmethod
+    async def _list(
+        self,
+        destination: str | None,
+        due_from_ms: int | None,
+        due_to_ms: int | None,
+        state: EntryState,
+        limit: int,
+        cursor: str | None,
+    ) -> Page: ...
+
+    @abstractmethod
+    async def _count(self, destination: str | None, state: EntryState) -> int: ...
+
+    @abstractmethod
+    async def _cancel(self, payload_id: str) -> bool: ...
+
+    @abstractmethod
+    async def _reschedule(self, payload_id: str, due_ms: int) -> bool: ...
+
+
+def new_token() -> str:
+    """A fresh fencing token: unique across processes and restarts."""
+    return f"{random.getrandbits(128):032x}"
+
+
+def encode_cursor(due_ms: int, payload_id: str) -> str:
+    """A listing cursor: the (due, id) position after which the next page starts."""
+    return f"{due_ms}:{payload_id}"
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """Inverse of :func:`encode_cursor`; raise ``ValueError`` on a cursor we did not make."""
+    due, sep, payload_id = cursor.partition(":")
+    if not sep or not due.lstrip("-").isdigit():
+        raise ValueError(f"not a listing cursor: {cursor!r}")
+    return int(due), payload_id
+
+
+__all__ = [
+    "Claim",
+    "EntryState",
+    "Page",
+    "SpoolStorage",
+    "WatchSettings",
+    "decode_cursor",
+    "encode_cursor",
+    "new_token",
+]

@@ -1,0 +1,97 @@
+"""Counters and lateness, per workflow, summarised in periodic log lines.
+
+payler logs no line per message at INFO: under load that is unreadable. Instead each workflow
+counts what it does, and the runtime logs one summary line per workflow and interval (only when
+something happened).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+MetricName = Literal[
+    "received",  # messages taken from a source broker
+    "spooled",  # payloads newly written to the spool (duplicates not counted)
+    "duplicates",  # payloads already in the spool (a redelivered source message)
+    "dead_lettered",  # messages sent to the dead-letter destination, with a reason
+    "delivered",  # payloads confirmed by the destination broker
+    "retried",  # deliveries that failed transiently and were rescheduled
+    "restarts",  # times the workflow was restarted after a transient error
+]
+
+#: Lateness samples kept per interval; beyond it, a uniform-enough subsample is kept.
+_MAX_SAMPLES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Lateness:
+    """Delivery time minus due time over an interval, milliseconds."""
+
+    count: int
+    p50: int
+    p95: int
+    p99: int
+    max: int
+
+    def __str__(self) -> str:
+        return f"lateness ms p50={self.p50} p95={self.p95} p99={self.p99} max={self.max}"
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a workflow did over one interval."""
+
+    counts: dict[str, int]
+    lateness: Lateness | None
+
+    def __bool__(self) -> bool:
+        return bool(self.counts) or self.lateness is not None
+
+    def __str__(self) -> str:
+        parts = [f"{name}={n}" for name, n in sorted(self.counts.items())]
+        if self.lateness is not None:
+            parts.append(str(self.lateness))
+        return " ".join(parts)
+
+
+class Metrics:
+    """A workflow's counters since the last :meth:`take`, plus running totals."""
+
+    def __init__(self) -> None:
+        self._interval: Counter[str] = Counter()
+        self.totals: Counter[str] = Counter()
+        self._lateness: list[int] = []
+        self._seen = 0
+
+    def incr(self, name: MetricName, n: int = 1) -> None:
+        if n:
+            self._interval[name] += n
+            self.totals[name] += n
+
+    def observe_lateness(self, values_ms: Iterable[int]) -> None:
+        for value in values_ms:
+            self._seen += 1
+            if len(self._lateness) < _MAX_SAMPLES:
+                self._lateness.append(max(0, value))
+            # Once full, overwrite a slot now and then: cheap, and good enough for percentiles.
+            elif self._seen % (self._seen // _MAX_SAMPLES + 1) == 0:
+                self._lateness[self._seen % _MAX_SAMPLES] = max(0, value)
+
+    def take(self) -> Summary:
+        """The interval's summary; starts a new interval."""
+        counts = dict(self._interval)
+        samples = sorted(self._lateness)
+        self._interval.clear()
+        self._lateness = []
+        self._seen = 0
+        return Summary(counts, _lateness(samples) if samples else None)
+
+
+def _lateness(samples: list[int]) -> Lateness:
+    def pct(p: float) -> int:
+        return samples[min(len(samples) - 1, int(p * len(samples)))]
+
+    return Lateness(len(samples), pct(0.50), pct(0.95), pct(0.99), samples[-1])

@@ -1,0 +1,75 @@
+"""The options of the built-in workflows: pydantic models, validated at start-up.
+
+Connection URLs default to the environment, so a configuration file without options (the
+original Payler's) works unchanged:
+
+- broker: ``BROKER_URL``, else ``amqp://guest:guest@localhost:5672/``;
+- storage: ``PAYLER_STORAGE_URL``, else ``MONGODB_URL`` (the original Payler's variable; with or
+  without a database name in it), else the embedded ``sqlite:///payler-spool.db``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
+DEFAULT_STORAGE_URL = "sqlite:///payler-spool.db"
+
+
+def default_broker_url() -> str:
+    return os.environ.get("BROKER_URL") or DEFAULT_BROKER_URL
+
+
+def default_storage_url() -> str:
+    return (
+        os.environ.get("PAYLER_STORAGE_URL") or os.environ.get("MONGODB_URL") or DEFAULT_STORAGE_URL
+    )
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    broker_url: str = Field(default_factory=default_broker_url)
+    storage_url: str = Field(default_factory=default_storage_url)
+    dead_letter_queue: str = Field(default="payler-dead-letter", min_length=1)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+
+
+class ProcessQueueOptions(_Options):
+    """``client.process_queue``: consume a queue and spool each message until it is due."""
+
+    queue: str = Field(default="payler-jobs", min_length=1)
+    default_destination: str = Field(default="payler-out", min_length=1)
+    #: Delay for messages with neither x-delay nor x-deliver-at; None: dead-letter them.
+    default_delay_ms: int | None = Field(default=None, ge=0)
+    max_delay_ms: int = Field(default=366 * 24 * 3600 * 1000, gt=0)
+    #: Count x-delay from the publish time the message carries ("published"), or from receipt.
+    delay_from: Literal["published", "received"] = "published"
+    prefetch: int = Field(default=200, ge=1, le=65_535)
+
+    @model_validator(mode="after")
+    def _batch_fits_prefetch(self) -> ProcessQueueOptions:
+        if self.batch_size > self.prefetch:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) cannot exceed prefetch ({self.prefetch}): "
+                "a batch is taken from the prefetched messages"
+            )
+        return self
+
+
+class WatchStorageOptions(_Options):
+    """``client.watch_storage``: deliver due payloads from the spool to the broker."""
+
+    #: Exchange to publish to ("" is the default exchange: the destination is a queue name).
+    exchange: str = ""
+    #: Queues declared (durable) at start if missing, so the default destination exists.
+    declare_queues: list[str] = Field(default_factory=lambda: ["payler-out"])
+    lease_ms: int = Field(default=30_000, ge=100)
+    max_poll_interval_ms: int = Field(default=1_000, ge=1)
+    #: Deliveries that fail transiently are retried with exponential backoff, then dead-lettered.
+    max_attempts: int = Field(default=10, ge=1)
+    retry_base_ms: int = Field(default=1_000, ge=1)
+    retry_max_ms: int = Field(default=300_000, ge=1)

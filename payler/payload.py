@@ -1,0 +1,91 @@
+"""The payload: one message on its way through payler, stored as it is in the spool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from payler import codec
+
+
+class MessageProperties(BaseModel):
+    """The broker-independent message properties that payler carries through the spool.
+
+    They mirror AMQP 0-9-1's basic properties; other brokers map onto them (see README).
+    ``timestamp_ms`` is the publish time the producer stamped, epoch milliseconds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    correlation_id: str | None = None
+    message_id: str | None = None
+    reply_to: str | None = None
+    type: str | None = None
+    priority: int | None = None
+    timestamp_ms: int | None = None
+    delivery_mode: int | None = None
+    expiration: str | None = None
+    app_id: str | None = None
+
+
+class Payload(BaseModel):
+    """A message held by payler until ``due_ms``, then delivered to ``destination``.
+
+    ``id`` derives from the message (see :mod:`payler.identity`), so storing the same source
+    message twice keeps one entry. ``headers`` are kept as the source sent them, scheduling
+    headers included; they are stripped only when the message is re-injected.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    body: bytes
+    headers: dict[str, Any] = Field(default_factory=dict)
+    properties: MessageProperties = Field(default_factory=MessageProperties)
+    source: str = ""
+    destination: str
+    due_ms: int
+    created_ms: int
+    attempts: int = 0
+    last_error: str | None = None
+
+    def meta_json(self) -> str:
+        """Headers, properties and source as one lossless JSON text (for storages)."""
+        return codec.dumps(
+            {
+                "headers": self.headers,
+                "properties": self.properties.model_dump(exclude_none=True),
+                "source": self.source,
+            }
+        )
+
+    @classmethod
+    def from_stored(
+        cls,
+        *,
+        id: str,
+        body: bytes,
+        meta_json: str | bytes,
+        destination: str,
+        due_ms: int,
+        created_ms: int,
+        attempts: int,
+        last_error: str | None,
+    ) -> Payload:
+        """Rebuild a payload from the columns a storage keeps."""
+        meta = codec.loads(meta_json)
+        return cls(
+            id=id,
+            body=bytes(body),
+            headers=meta.get("headers", {}),
+            properties=MessageProperties(**meta.get("properties", {})),
+            source=meta.get("source", ""),
+            destination=destination,
+            due_ms=due_ms,
+            created_ms=created_ms,
+            attempts=attempts,
+            last_error=last_error,
+        )

@@ -1,0 +1,145 @@
+"""Run every workflow of a configuration on one event loop, and stop them cleanly.
+
+- All workflows run in one :class:`asyncio.TaskGroup`.
+- Start-up: each workflow calls ``ctx.ready()`` once connected. If one fails before, the runtime
+  stops the others and raises :class:`~payler.errors.StartupError` (the CLI exits 2).
+- Running: a workflow that fails with a transient error (a lost connection) is restarted after a
+  backoff (1 s, doubling, at most 30 s); any other error is a bug and ends the runtime.
+- Stopping: :meth:`Runtime.run`'s ``stop`` event (set by the CLI on SIGINT/SIGTERM) is passed to
+  every workflow; they finish their work in hand and return. Whatever is still running after
+  ``shutdown_grace_seconds`` is cancelled: safe, since nothing is acknowledged before it is stored.
+- Every ``stats_interval_seconds``, one log line per workflow that did something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Sequence
+
+from payler.clock import Clock, SystemClock
+from payler.config import Loaded, LoadedWorkflow
+from payler.errors import ConfigError, StartupError, is_transient
+from payler.workflow import WorkflowContext
+
+log = logging.getLogger("payler.runtime")
+
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
+class Runtime:
+    """The workflows of one configuration, run together."""
+
+    def __init__(self, loaded: Loaded, *, clock: Clock | None = None) -> None:
+        self.loaded = loaded
+        self.clock: Clock = clock or SystemClock()
+        self.contexts: list[WorkflowContext] = []
+        self.started = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (then drain within the grace period) or a fatal error."""
+        settings = self.loaded.config
+        self.contexts = [
+            WorkflowContext(
+                name=w.name,
+                options=w.options,
+                stop=stop,
+                clock=self.clock,
+                log=logging.getLogger(f"payler.workflow.{w.index}"),
+            )
+            for w in self.loaded.workflows
+        ]
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(self._supervise(w, ctx), name=f"workflow:{ctx.name}")
+                for w, ctx in zip(self.loaded.workflows, self.contexts, strict=True)
+            ]
+            reporter = group.create_task(self._report(settings.stats_interval_seconds, stop))
+            group.create_task(self._announce_start(tasks))
+            await stop.wait()
+            log.info(
+                "stopping: finishing work in hand (grace period %.0f s)",
+                settings.shutdown_grace_seconds,
+            )
+            _, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds)
+            for task in pending:
+                log.warning(
+                    "workflow %r did not stop within the grace period: cancelled",
+                    task.get_name().removeprefix("workflow:"),
+                )
+                task.cancel()
+            reporter.cancel()
+        self._log_summaries(final=True)
+
+    async def _announce_start(self, tasks: Sequence[asyncio.Task[None]]) -> None:
+        waiters = [asyncio.ensure_future(ctx.started.wait()) for ctx in self.contexts]
+        await asyncio.wait(waiters)
+        self.started.set()
+        log.info("payler is running %d workflow(s)", len(tasks))
+
+    async def _supervise(self, workflow: LoadedWorkflow, ctx: WorkflowContext) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._call(workflow, ctx)
+            except (ConfigError, StartupError):
+                raise
+            except Exception as exc:
+                if not ctx.started.is_set():
+                    raise StartupError(f"workflow {ctx.name!r} could not start: {exc}") from exc
+                if not is_transient(exc) or ctx.stopping:
+                    raise
+                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                attempt += 1
+                ctx.metrics.incr("restarts")
+                log.warning(
+                    "workflow %r failed (%s: %s); restarting in %.0f s",
+                    ctx.name,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await _sleep_unless(ctx.stop, delay, self.clock)
+                if ctx.stopping:
+                    return
+                continue
+            if not ctx.stopping:
+                log.info("workflow %r finished", ctx.name)
+            ctx.started.set()  # a workflow that returned has nothing left to start
+            return
+
+    async def _call(self, workflow: LoadedWorkflow, ctx: WorkflowContext) -> None:
+        parameters = inspect.signature(workflow.function).parameters
+        if "loop" in parameters:  # the original Payler's signature
+            ctx.ready()
+            await workflow.function(loop=asyncio.get_running_loop())
+        else:
+            await workflow.function(ctx)
+
+    async def _report(self, interval_s: float, stop: asyncio.Event) -> None:
+        while True:
+            await _sleep_unless(stop, interval_s, self.clock)
+            if stop.is_set():
+                return  # run() logs the final summaries
+            self._log_summaries(final=False)
+
+    def _log_summaries(self, *, final: bool) -> None:
+        for ctx in self.contexts:
+            summary = ctx.metrics.take()
+            if summary:
+                log.info("%s%s: %s", "final: " if final else "", ctx.name, summary)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float, clock: Clock) -> None:
+    """Sleep ``seconds`` on ``clock``, or less if ``stop`` is set meanwhile."""
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([sleeper, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (sleeper, stopper):
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter

@@ -1,0 +1,189 @@
+"""When a message is due and where it goes: the scheduling headers and their rules.
+
+The conventions are the original Payler's, extended:
+
+- ``x-delay``: delay in milliseconds, an integer or a numeric string (many clients can only send
+  string headers). Counted from the message's publish time when it carries one and the rule is
+  ``delay_from="published"`` (the default), so a backlog in the input queue does not lengthen the
+  delay; otherwise from when payler received it.
+- ``x-deliver-at``: an absolute due time, epoch milliseconds or ISO 8601 with a UTC offset. It wins
+  over ``x-delay`` when both are present.
+- ``x-destination``: the routing key (queue, topic) to deliver to; the workflow's default otherwise.
+
+Bad input raises :class:`~payler.errors.InvalidSchedule` with a reason for the dead-letter record.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from payler.errors import InvalidSchedule
+
+DELAY_HEADER = "x-delay"
+DELIVER_AT_HEADER = "x-deliver-at"
+DESTINATION_HEADER = "x-destination"
+#: Removed on re-injection, so that a message routed back into payler is not delayed twice.
+SCHEDULING_HEADERS = frozenset({DELAY_HEADER, DELIVER_AT_HEADER, DESTINATION_HEADER})
+
+#: AMQP timestamps have a resolution of one second: the true publish time lies within the second
+#: after the stamp. Counting from the end of that second never delivers before the due time.
+TIMESTAMP_RESOLUTION_MS = 999
+#: An epoch-milliseconds due time before 2001-09-09 is almost surely seconds sent by mistake.
+_SMALLEST_EPOCH_MS = 1_000_000_000_000
+_NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
+
+DelayFrom = Literal["published", "received"]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingRules:
+    """A workflow's scheduling settings.
+
+    ``default_delay_ms`` applies to messages without scheduling headers; when it is ``None`` such a
+    message is invalid (dead-lettered). ``max_delay_ms`` bounds how far ahead a message may be due.
+    """
+
+    default_destination: str = "payler-out"
+    default_delay_ms: int | None = None
+    max_delay_ms: int = 366 * 24 * 3600 * 1000
+    delay_from: DelayFrom = "published"
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Where and when one message goes."""
+
+    due_ms: int
+    destination: str
+
+
+def schedule(
+    headers: Mapping[str, Any],
+    *,
+    received_ms: int,
+    published_ms: int | None,
+    rules: SchedulingRules,
+) -> Schedule:
+    """Read a message's scheduling headers; raise :class:`InvalidSchedule` with the reason."""
+    return Schedule(
+        due_ms=due_time(headers, received_ms=received_ms, published_ms=published_ms, rules=rules),
+        destination=destination(headers, rules),
+    )
+
+
+def due_time(
+    headers: Mapping[str, Any],
+    *,
+    received_ms: int,
+    published_ms: int | None,
+    rules: SchedulingRules,
+) -> int:
+    """The message's due time, epoch milliseconds."""
+    if DELIVER_AT_HEADER in headers:
+        due_ms = parse_deliver_at(headers[DELIVER_AT_HEADER])
+        if due_ms - received_ms > rules.max_delay_ms:
+            raise InvalidSchedule(
+                f"{DELIVER_AT_HEADER} is {due_ms - received_ms} ms ahead, "
+                f"over the maximum delay of {rules.max_delay_ms} ms"
+            )
+        return due_ms
+    if DELAY_HEADER in headers:
+        delay_ms = parse_delay(headers[DELAY_HEADER])
+    elif rules.default_delay_ms is not None:
+        delay_ms = rules.default_delay_ms
+    else:
+        raise InvalidSchedule(
+            f"missing {DELAY_HEADER} (milliseconds) or {DELIVER_AT_HEADER} header, "
+            "and the workflow has no default_delay_ms"
+        )
+    if delay_ms > rules.max_delay_ms:
+        raise InvalidSchedule(
+            f"{DELAY_HEADER} of {delay_ms} ms is over the maximum delay of {rules.max_delay_ms} ms"
+        )
+    start_ms = received_ms
+    if rules.delay_from == "published" and published_ms is not None:
+        start_ms = min(received_ms, published_ms + TIMESTAMP_RESOLUTION_MS)
+    return start_ms + delay_ms
+
+
+def parse_delay(value: Any) -> int:
+    """``x-delay`` as whole milliseconds (fractions round up); raise on anything else."""
+    number = _as_number(value, DELAY_HEADER)
+    if number < 0:
+        raise InvalidSchedule(f"{DELAY_HEADER} is negative ({_show(value)})")
+    return math.ceil(number)
+
+
+def parse_deliver_at(value: Any) -> int:
+    """``x-deliver-at`` as epoch milliseconds, from a number, a numeric string or ISO 8601."""
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return math.ceil(moment.timestamp() * 1000)
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    if isinstance(text, str) and not _NUMBER.match(text):
+        try:
+            moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidSchedule(
+                f"{DELIVER_AT_HEADER} is neither epoch milliseconds nor an ISO 8601 date "
+                f"({_show(value)})"
+            ) from None
+        if moment.tzinfo is None:
+            raise InvalidSchedule(
+                f"{DELIVER_AT_HEADER} has no UTC offset ({_show(value)}): add one, e.g. +00:00"
+            )
+        return math.ceil(moment.timestamp() * 1000)
+    number = _as_number(value, DELIVER_AT_HEADER)
+    if number < _SMALLEST_EPOCH_MS:
+        raise InvalidSchedule(
+            f"{DELIVER_AT_HEADER} {_show(value)} is before 2001: "
+            "expected epoch milliseconds (not seconds)"
+        )
+    return math.ceil(number)
+
+
+def destination(headers: Mapping[str, Any], rules: SchedulingRules) -> str:
+    """``x-destination`` when present and usable, else the workflow's default destination."""
+    if DESTINATION_HEADER not in headers:
+        return rules.default_destination
+    value = headers[DESTINATION_HEADER]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidSchedule(f"{DESTINATION_HEADER} is not a destination name ({_show(value)})")
+    return value
+
+
+def without_scheduling_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers to re-inject: the same, less the scheduling ones."""
+    return {k: v for k, v in headers.items() if k not in SCHEDULING_HEADERS}
+
+
+def _as_number(value: Any, header: str) -> float:
+    if isinstance(value, bool):
+        raise InvalidSchedule(f"{header} is not a number ({_show(value)})")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float | Decimal):
+        number = float(value)
+    elif isinstance(value, str | bytes):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if not _NUMBER.match(text):
+            raise InvalidSchedule(f"{header} is not a number ({_show(value)})")
+        number = float(text)
+    else:
+        raise InvalidSchedule(f"{header} is not a number ({_show(value)})")
+    if not math.isfinite(number):
+        raise InvalidSchedule(f"{header} is not a finite number ({_show(value)})")
+    return number
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,54 @@
+"""What a workflow receives: its :class:`WorkflowContext`.
+
+A workflow is any ``async def`` function, found by ``location`` + ``callable`` in the
+configuration, with this signature::
+
+    async def my_workflow(ctx: WorkflowContext) -> None:
+        async with broker_from_url(ctx.options["broker_url"], queue="in") as broker:
+            ctx.ready()                      # connected: start-up succeeded
+            await broker.serve(handler, ctx.stop)  # returns once ctx.stop is set
+
+- ``ctx.options``: the workflow's ``options`` from the file; an instance of the function's
+  ``options_model`` (a pydantic model) when it declares one, else a plain dict.
+- ``ctx.stop``: set on SIGINT/SIGTERM. Stop taking new work, finish what is in hand, return.
+  A workflow still running after the grace period is cancelled.
+- ``ctx.ready()``: call it once the workflow's connections are up. An error *before* it is a
+  start-up failure (the daemon exits with status 2); an error *after* it is retried: the runtime
+  restarts the workflow with backoff when the error is transient (a lost connection).
+- ``ctx.clock``, ``ctx.metrics``, ``ctx.log``: time, counters (summarised periodically in the log),
+  and a logger named after the workflow.
+
+The original Payler's signature, ``async def workflow(loop)``, still works: such a workflow gets
+the running event loop, and counts as ready at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from payler.clock import Clock, SystemClock
+from payler.metrics import Metrics
+
+
+@dataclass(slots=True)
+class WorkflowContext:
+    """A running workflow's view of the runtime (see the module docstring)."""
+
+    name: str
+    options: Any = field(default_factory=dict)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    clock: Clock = field(default_factory=SystemClock)
+    metrics: Metrics = field(default_factory=Metrics)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("payler.workflow"))
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def ready(self) -> None:
+        """Tell the runtime the workflow is connected and running: start-up succeeded."""
+        self.started.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop.is_set()
