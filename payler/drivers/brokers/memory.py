@@ -55,6 +55,14 @@ class MemoryBroker(Broker):
         """What is waiting on ``queue`` now, oldest first."""
         return list(self._queues.messages.get(queue, ()))
 
+    async def wait_for(self, queue: str, count: int, timeout_s: float = 5.0) -> list[Payload]:
+        """Wait until ``queue`` holds at least ``count`` messages; raise TimeoutError after."""
+        async with asyncio.timeout(timeout_s):
+            while len(self._queues.messages.get(queue, ())) < count:
+                self._queues.changed.clear()
+                await self._queues.changed.wait()
+        return self.messages(queue)
+
     async def serve(self, handler: Handler, stop: asyncio.Event) -> None:
         if self.queue is None:
             raise ValueError("this broker was opened without a queue to serve")

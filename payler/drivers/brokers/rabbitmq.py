@@ -30,6 +30,7 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
+from payler import codec
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import Broker, dead_letter_headers
 from payler.errors import StartupError, TransientError
@@ -39,6 +40,9 @@ from payler.scheduling import without_scheduling_headers
 from payler.urls import mask_url
 
 log = logging.getLogger("payler.rabbitmq")
+
+#: On a dead-lettered message whose headers AMQP cannot carry: the headers as JSON text.
+ORIGINAL_HEADERS = "x-payler-original-headers"
 
 #: How long the first connection may take before start-up fails.
 CONNECT_TIMEOUT_S = 10.0
@@ -166,15 +170,17 @@ class RabbitMQBroker(Broker):
 
     async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
         exchange = await self._exchange(self.exchange)
-        results = await asyncio.gather(
-            *(
-                exchange.publish(_encode(p, without_scheduling_headers(p.headers)), p.destination)
-                for p in batch
-            ),
-            return_exceptions=True,
-        )
-        rejections = []
-        for payload, result in zip(batch, results, strict=True):
+        rejections, publishing, publishes = [], [], []
+        for payload in batch:
+            try:
+                message = _encode(payload, without_scheduling_headers(payload.headers))
+            except (TypeError, ValueError) as exc:  # a value AMQP cannot carry: never retryable
+                rejections.append(Rejection(payload.id, f"cannot encode for AMQP: {exc}", True))
+                continue
+            publishing.append(payload)
+            publishes.append(exchange.publish(message, payload.destination))
+        results = await asyncio.gather(*publishes, return_exceptions=True)
+        for payload, result in zip(publishing, results, strict=True):
             if not isinstance(result, BaseException):
                 continue
             if isinstance(result, aio_pika.exceptions.PublishError):  # returned: unroutable
@@ -196,7 +202,7 @@ class RabbitMQBroker(Broker):
         now_ms = self.clock.now_ms()
         results = await asyncio.gather(
             *(
-                exchange.publish(_encode(p, dead_letter_headers(p, reason, now_ms)), queue)
+                exchange.publish(_dead_letter_message(p, reason, now_ms), queue)
                 for p, reason in items
             ),
             return_exceptions=True,
@@ -237,11 +243,22 @@ async def _next_batch(
     return batch
 
 
+def _dead_letter_message(payload: Payload, reason: str, now_ms: int) -> aio_pika.Message:
+    headers = dead_letter_headers(payload, reason, now_ms)
+    try:
+        return _encode(payload, headers)
+    except (TypeError, ValueError):
+        # Headers AMQP cannot carry still reach the dead-letter queue, as lossless JSON text.
+        kept = {k: v for k, v in headers.items() if k not in payload.headers}
+        return _encode(payload, {**kept, ORIGINAL_HEADERS: codec.dumps(payload.headers)})
+
+
 def _encode(payload: Payload, headers: dict[str, Any]) -> aio_pika.Message:
+    """The AMQP message for ``payload`` with ``headers``; TypeError if a value cannot be sent."""
     props = payload.properties
     return aio_pika.Message(
         body=payload.body,
-        headers=headers,
+        headers=_amqp_table(headers),
         content_type=props.content_type,
         content_encoding=props.content_encoding,
         correlation_id=props.correlation_id,
@@ -265,6 +282,17 @@ def _expiration_ms(seconds: object) -> str | None:
     if isinstance(seconds, int | float):
         return str(round(seconds * 1000))
     return None
+
+
+def _amqp_table(value: Any) -> Any:
+    """Header values as pamqp encodes them: byte strings travel as AMQP byte arrays."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: _amqp_table(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_amqp_table(v) for v in value]
+    return value
 
 
 def _epoch_ms(moment: datetime | None) -> int | None:

@@ -1,0 +1,349 @@
+"""The MongoDB spool storage, through pymongo's native asyncio API (``AsyncMongoClient``).
+
+``mongodb://[user:password@]host[:port][/DATABASE][?options]`` (or ``mongodb+srv://``): the spool is
+the collection ``payler_spool`` of DATABASE, ``payler`` when the URL names none. One document per
+entry: ``_id`` (the payload id), ``due_ms``, ``visible_ms``, ``token`` (``None`` when unleased),
+``state`` (``pending``/``dead``), ``destination``, ``attempts``, ``last_error``, ``created_ms``,
+``body`` (binary) and ``meta`` (headers, properties and source as lossless JSON text).
+
+Durability: writes use the write concern of the URL. A replica set's default is ``w: majority``
+(journaled), which is what makes a returned ``store()`` durable; on a standalone server or with a
+lowered default, put ``w=majority&journal=true`` (or at least ``journal=true``) in the URL.
+
+Switching from the original Payler (0.2, Motor-based): its spool, the collection ``payloads`` of
+the same database, is imported once in :meth:`MongoStorage.connect` (each legacy document is stored
+here, then deleted there), so no pending message is stranded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
+
+from payler.clock import Clock
+from payler.drivers.storages.base import (
+    Claim,
+    EntryState,
+    Page,
+    SpoolStorage,
+    decode_cursor,
+    encode_cursor,
+    new_token,
+)
+from payler.errors import StartupError, TransientError
+from payler.metrics import Metrics
+from payler.payload import Payload
+from payler.urls import mask_url
+
+log = logging.getLogger("payler.storage.mongodb")
+
+Doc = dict[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SPOOL_COLLECTION = "payler_spool"
+DEFAULT_DATABASE = "payler"
+#: The original Payler's spool collection, imported once at connect.
+LEGACY_COLLECTION = "payloads"
+LEGACY_ID_PREFIX = "payler-0.2:"
+_DUPLICATE_KEY = 11000
+_LEGACY_BATCH = 500
+#: Claim rounds per call: concurrent claimants race for the same earliest entries.
+_CLAIM_ROUNDS = 3
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DUE_ORDER = [("due_ms", ASCENDING), ("_id", ASCENDING)]
+
+
+def _transient(
+    hook: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn a lost connection into a :class:`TransientError`: the runtime retries with backoff."""
+
+    @functools.wraps(hook)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await hook(*args, **kwargs)
+        except ConnectionFailure as exc:
+            raise TransientError(f"MongoDB spool: {exc}") from exc
+
+    return wrapper
+
+
+class MongoStorage(SpoolStorage):
+    """The spool in a MongoDB collection; see :class:`~payler.drivers.storages.base.SpoolStorage`.
+
+    ``server_selection_timeout_ms`` bounds how long :meth:`connect` (and any later operation)
+    waits for a reachable server before failing.
+    """
+
+    schemes = ("mongodb", "mongodb+srv")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        server_selection_timeout_ms: int = 5000,
+    ) -> None:
+        super().__init__(url, clock=clock, metrics=metrics)
+        self.server_selection_timeout_ms = server_selection_timeout_ms
+        self._client: AsyncMongoClient[Doc] | None = None
+        self._spool_collection: AsyncCollection[Doc] | None = None
+
+    async def connect(self) -> None:
+        """Reach the server (ping), create the indexes, import a legacy Payler spool.
+
+        Raises :class:`~payler.errors.StartupError` naming the (password-masked) URL.
+        """
+        try:
+            self._client = AsyncMongoClient(
+                self.url, serverSelectionTimeoutMS=self.server_selection_timeout_ms
+            )
+            database = self._client.get_default_database(DEFAULT_DATABASE)
+            await self._client.admin.command("ping")
+            spool = self._spool_collection = database[SPOOL_COLLECTION]
+            await spool.create_index([("state", ASCENDING), ("visible_ms", ASCENDING)])
+            await spool.create_index(
+                [("state", ASCENDING), ("destination", ASCENDING), *_DUE_ORDER]
+            )
+            await self._import_legacy(database[LEGACY_COLLECTION])
+        except (PyMongoError, TransientError, ValueError) as exc:  # ValueError: a malformed URL
+            await self.close()
+            # pymongo appends the whole topology description: the first part says it all.
+            what = str(exc).partition(", Topology Description:")[0]
+            raise StartupError(f"MongoDB spool storage {mask_url(self.url)}: {what}") from exc
+
+    async def close(self) -> None:
+        client, self._client, self._spool_collection = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    @property
+    def _spool(self) -> AsyncCollection[Doc]:
+        if self._spool_collection is None:
+            raise RuntimeError("MongoStorage used before connect()")
+        return self._spool_collection
+
+    # -- the hooks -------------------------------------------------------------------------------
+
+    @_transient
+    async def _store(self, batch: Sequence[Payload]) -> int:
+        try:
+            result = await self._spool.insert_many([_to_doc(p) for p in batch], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                raise
+            # Every error is a duplicate id: those entries were already stored (idempotency).
+            return int(exc.details.get("nInserted", 0))
+        return len(result.inserted_ids)
+
+    @_transient
+    async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
+        visible = {"state": "pending", "visible_ms": {"$lte": now_ms}}
+        claims: list[Claim] = []
+        for _ in range(_CLAIM_ROUNDS):  # another round only for candidates lost to a race
+            found = self._spool.find(visible, {"_id": 1}).sort(_DUE_ORDER)
+            ids = [doc["_id"] async for doc in found.limit(limit - len(claims))]
+            if not ids:
+                break
+            token = new_token()
+            # The filter is re-checked per document as it is updated: an entry another claimant
+            # leased in between no longer matches, so no entry is ever held twice.
+            await self._spool.update_many(
+                {"_id": {"$in": ids}, **visible},
+                {"$set": {"token": token, "visible_ms": now_ms + lease_ms}},
+            )
+            got = self._spool.find({"_id": {"$in": ids}, "token": token})
+            won = [Claim(_from_doc(doc), token) async for doc in got]
+            claims += won
+            if len(won) == len(ids):  # no race lost: the limit is reached or nothing is left
+                break
+        return sorted(claims, key=lambda c: (c.payload.due_ms, c.payload.id))
+
+    @_transient
+    async def _ack(self, claims: Sequence[Claim]) -> int:
+        by_token: dict[str, list[str]] = {}
+        for claim in claims:
+            by_token.setdefault(claim.token, []).append(claim.payload.id)
+        deleted = 0
+        for token, ids in by_token.items():
+            result = await self._spool.delete_many({"_id": {"$in": ids}, "token": token})
+            deleted += result.deleted_count
+        return deleted
+
+    @_transient
+    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+        result = await self._spool.update_one(
+            _held(claim),
+            {
+                "$set": {"due_ms": due_ms, "visible_ms": due_ms, "token": None}
+                | {"last_error": reason},
+                "$inc": {"attempts": 1},
+            },
+        )
+        return result.matched_count == 1
+
+    @_transient
+    async def _dead_letter(self, claim: Claim, reason: str) -> bool:
+        result = await self._spool.update_one(
+            _held(claim), {"$set": {"state": "dead", "token": None, "last_error": reason}}
+        )
+        return result.matched_count == 1
+
+    @_transient
+    async def _next_visible_ms(self) -> int | None:
+        doc = await self._spool.find_one(
+            {"state": "pending"}, {"visible_ms": 1}, sort=[("visible_ms", ASCENDING)]
+        )
+        return None if doc is None else int(doc["visible_ms"])
+
+    @_transient
+    async def _get(self, payload_id: str) -> Payload | None:
+        doc = await self._spool.find_one({"_id": payload_id})
+        return None if doc is None else _from_doc(doc)
+
+    @_transient
+    async def _list(
+        self,
+        destination: str | None,
+        due_from_ms: int | None,
+        due_to_ms: int | None,
+        state: EntryState,
+        limit: int,
+        cursor: str | None,
+    ) -> Page:
+        query = _filter(destination, state)
+        due = {op: ms for op, ms in (("$gte", due_from_ms), ("$lte", due_to_ms)) if ms is not None}
+        if due:
+            query["due_ms"] = due
+        if cursor:
+            after_due, after_id = decode_cursor(cursor)
+            query["$or"] = [
+                {"due_ms": {"$gt": after_due}},
+                {"due_ms": after_due, "_id": {"$gt": after_id}},
+            ]
+        found = self._spool.find(query).sort(_DUE_ORDER).limit(limit + 1)
+        items = [_from_doc(doc) async for doc in found]
+        if len(items) <= limit:
+            return Page(items, None)
+        del items[limit:]
+        return Page(items, encode_cursor(items[-1].due_ms, items[-1].id))
+
+    @_transient
+    async def _count(self, destination: str | None, state: EntryState) -> int:
+        return await self._spool.count_documents(_filter(destination, state))
+
+    @_transient
+    async def _cancel(self, payload_id: str) -> bool:
+        result = await self._spool.delete_one({"_id": payload_id})
+        return result.deleted_count == 1
+
+    @_transient
+    async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
+        result = await self._spool.update_one(
+            {"_id": payload_id},
+            {"$set": {"due_ms": due_ms, "visible_ms": due_ms, "token": None, "state": "pending"}},
+        )
+        return result.matched_count == 1
+
+    # -- the original Payler's spool ---------------------------------------------------------------
+
+    async def _import_legacy(self, legacy: AsyncCollection[Doc]) -> None:
+        """Move every document of Payler 0.2's ``payloads`` collection into the spool.
+
+        Store first, delete after: a crash in between only leaves documents that the next start
+        imports again, idempotently (their id derives from the legacy ``_id``).
+        """
+        now_ms, imported, skipped = self.clock.now_ms(), 0, 0
+        cursor = legacy.find({})
+        while docs := await cursor.to_list(_LEGACY_BATCH):
+            moved = [(d["_id"], p) for d in docs if (p := _from_legacy(d, now_ms)) is not None]
+            skipped += len(docs) - len(moved)
+            if moved:
+                await self._store([payload for _, payload in moved])
+                await legacy.delete_many({"_id": {"$in": [legacy_id for legacy_id, _ in moved]}})
+                imported += len(moved)
+        if imported:
+            log.info("imported %d pending payloads from Payler 0.2's %r", imported, legacy.name)
+        if skipped:
+            log.warning(
+                "left %d documents in %r: no destination or reference_date", skipped, legacy.name
+            )
+
+
+def _held(claim: Claim) -> Doc:
+    # Dead and retried entries have no token, so a token match also means "still leased".
+    return {"_id": claim.payload.id, "token": claim.token}
+
+
+def _filter(destination: str | None, state: EntryState) -> Doc:
+    query: Doc = {"state": state}
+    if destination is not None:
+        query["destination"] = destination
+    return query
+
+
+def _to_doc(payload: Payload) -> Doc:
+    return {
+        "_id": payload.id,
+        "due_ms": payload.due_ms,
+        "visible_ms": payload.due_ms,
+        "token": None,
+        "state": "pending",
+        "destination": payload.destination,
+        "attempts": payload.attempts,
+        "last_error": payload.last_error,
+        "created_ms": payload.created_ms,
+        "body": payload.body,
+        "meta": payload.meta_json(),
+    }
+
+
+def _from_doc(doc: Doc) -> Payload:
+    return Payload.from_stored(
+        id=doc["_id"],
+        body=doc["body"],
+        meta_json=doc["meta"],
+        destination=doc["destination"],
+        due_ms=doc["due_ms"],
+        created_ms=doc["created_ms"],
+        attempts=doc["attempts"],
+        last_error=doc["last_error"],
+    )
+
+
+def _from_legacy(doc: Doc, now_ms: int) -> Payload | None:
+    """A Payler 0.2 document as a payload; ``None`` if it cannot be scheduled."""
+    reference_date, destination = doc.get("reference_date"), doc.get("destination")
+    if not isinstance(reference_date, datetime) or not isinstance(destination, str):
+        return None
+    if reference_date.tzinfo is None:  # BSON dates are UTC; pymongo returns them naive
+        reference_date = reference_date.replace(tzinfo=UTC)
+    message = doc.get("message")
+    if isinstance(message, bytes):
+        body = message
+    elif isinstance(message, str):
+        body = message.encode()
+    else:  # a dict (Payler 0.2 sent it as JSON), or whatever else it was handed
+        body = json.dumps(message, default=str).encode()
+    return Payload(
+        id=f"{LEGACY_ID_PREFIX}{doc['_id']}",
+        body=body,
+        source=str(doc.get("source") or ""),
+        destination=destination,
+        due_ms=(reference_date - _EPOCH) // timedelta(milliseconds=1),
+        created_ms=now_ms,
+    )
+
+
+__all__ = ["MongoStorage"]

@@ -1,0 +1,245 @@
+"""The built-in workflows' rules, on the in-memory drivers (fast; no services)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from payler import client
+from payler.drivers.base import Handler, Rejection
+from payler.drivers.brokers.base import DEAD_LETTER_REASON
+from payler.drivers.storages.base import WatchSettings
+from payler.options import ProcessQueueOptions, WatchStorageOptions
+from payler.payload import Payload
+from payler.scheduling import SchedulingRules
+from payler.testing import FakeClock, MemoryBroker, MemoryStorage, make_payload, reset
+from payler.workflow import WorkflowContext
+
+START_MS = 1_700_000_000_000
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(START_MS)
+
+
+@pytest.fixture
+async def storage(clock: FakeClock) -> AsyncIterator[MemoryStorage]:
+    reset()
+    async with MemoryStorage("memory://test", clock=clock) as spool:
+        yield spool
+    reset()
+
+
+@pytest.fixture
+async def broker(clock: FakeClock) -> AsyncIterator[MemoryBroker]:
+    async with MemoryBroker("memory://test", queue="payler-jobs", clock=clock) as memory:
+        for queue in ("payler-jobs", "payler-out", "payler-dead-letter"):
+            await memory.ensure_queue(queue)
+        yield memory
+
+
+def received(payload: Payload, now_ms: int = START_MS) -> Payload:
+    """``payload`` as a broker's serve() hands it over: just received, not yet scheduled."""
+    return payload.model_copy(update={"source": "payler-jobs", "created_ms": now_ms})
+
+
+async def test_spool_schedules_stores_and_dead_letters(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    batch = [
+        received(make_payload(b"a", headers={"x-delay": 1500}, payload_id="a")),
+        received(
+            make_payload(b"b", headers={"x-delay": "250", "x-destination": "q2"}, payload_id="b")
+        ),
+        received(make_payload(b"c", headers={"x-delay": "soon"}, payload_id="c")),
+        received(make_payload(b"d", headers={}, payload_id="d")),
+    ]
+
+    rejected = await client.spool(
+        batch, storage, broker, SchedulingRules(), "payler-dead-letter", ctx
+    )
+
+    assert rejected == []
+    a, b = await storage.get("a"), await storage.get("b")
+    assert a is not None and (a.due_ms, a.destination) == (START_MS + 1500, "payler-out")
+    assert b is not None and (b.due_ms, b.destination) == (START_MS + 250, "q2")
+    assert await storage.get("c") is None and await storage.get("d") is None
+    dead = {p.body: p.headers[DEAD_LETTER_REASON] for p in broker.messages("payler-dead-letter")}
+    assert set(dead) == {b"c", b"d"}
+    assert "not a number" in dead[b"c"]
+    assert "missing x-delay" in dead[b"d"]
+    assert ctx.metrics.totals["spooled"] == 2
+    assert ctx.metrics.totals["dead_lettered"] == 0  # counted by the broker's own metrics
+    assert broker.metrics.totals["dead_lettered"] == 2
+
+
+async def test_spool_is_idempotent_by_id(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    first = received(make_payload(b"v1", headers={"x-delay": 10}, payload_id="same"))
+    again = received(make_payload(b"v2", headers={"x-delay": 10}, payload_id="same"))
+
+    await client.spool([first], storage, broker, SchedulingRules(), "dlq", ctx)
+    await client.spool([again], storage, broker, SchedulingRules(), "dlq", ctx)
+
+    assert await storage.count() == 1
+    stored = await storage.get("same")
+    assert stored is not None and stored.body == b"v1"
+    assert ctx.metrics.totals["duplicates"] == 1
+
+
+async def _watch_until(
+    storage: MemoryStorage,
+    handler: Handler,
+    done: asyncio.Event,
+    settings: WatchSettings | None = None,
+) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(storage.serve(handler, stop, settings=settings))
+    try:
+        async with asyncio.timeout(5):
+            await done.wait()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_watch_never_delivers_before_due(storage: MemoryStorage, clock: FakeClock) -> None:
+    dues = [START_MS + d for d in (5_000, 10, 0, 99_999, 1_000, 30_000)]
+    await storage.store(
+        [
+            make_payload(payload_id=f"p{i}", destination="out", due_ms=due)
+            for i, due in enumerate(dues)
+        ]
+    )
+    seen: dict[str, int] = {}
+    done = asyncio.Event()
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        for payload in batch:
+            seen[payload.id] = clock.now_ms()
+        if len(seen) == len(dues):
+            done.set()
+        return []
+
+    await _watch_until(storage, handler, done)
+
+    for i, due in enumerate(dues):
+        assert seen[f"p{i}"] >= due, f"p{i} delivered {due - seen[f'p{i}']} ms early"
+        # The watcher sleeps until the earliest due entry, not a fixed poll: with the fake clock,
+        # it wakes exactly at the due time (or at the bounded poll interval before it).
+        assert seen[f"p{i}"] - due < 1_000
+    assert await storage.count() == 0
+
+
+async def test_watch_wakes_early_for_a_sooner_entry(storage: MemoryStorage) -> None:
+    # Real clock: the watcher sleeps up to 60 s for the far entry; a sooner one stored locally
+    # must wake it (the test would time out otherwise).
+    real = MemoryStorage("memory://test")
+    await real.connect()
+    await real.store([make_payload(payload_id="far", destination="out", due_ms=2**62)])
+    done = asyncio.Event()
+    got: list[str] = []
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        got.extend(p.id for p in batch)
+        done.set()
+        return []
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        real.serve(handler, stop, settings=WatchSettings(max_poll_interval_s=60))
+    )
+    await asyncio.sleep(0)  # let the watcher go to sleep on the far entry
+    await real.store([make_payload(payload_id="soon", destination="out", due_ms=0)])
+    async with asyncio.timeout(2):
+        await done.wait()
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert got == ["soon"]
+
+
+async def test_unroutable_payloads_are_dead_lettered_with_the_reason(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("watch", clock=clock)
+    options = WatchStorageOptions(storage_url="memory://test", broker_url="memory://test")
+    await storage.store(
+        [
+            make_payload(
+                b"ok", headers={"x-delay": 5, "k": "v"}, payload_id="ok", destination="payler-out"
+            ),
+            make_payload(b"lost", payload_id="lost", destination="no-such-queue"),
+        ]
+    )
+    done = asyncio.Event()
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        rejections = await client.deliver(batch, broker, options, ctx)
+        done.set()
+        return rejections
+
+    await _watch_until(storage, handler, done)
+
+    [delivered] = broker.messages("payler-out")
+    assert delivered.body == b"ok" and delivered.headers == {"k": "v"}  # scheduling header gone
+    [dead] = broker.messages("payler-dead-letter")
+    assert dead.body == b"lost"
+    assert "unroutable" in dead.headers[DEAD_LETTER_REASON]
+    assert "no-such-queue" in dead.headers[DEAD_LETTER_REASON]
+    assert await storage.count() == 0 and await storage.count(state="dead") == 0
+
+
+class FlakyBroker(MemoryBroker):
+    """Refuses every publish, transiently (a broker nack)."""
+
+    attempts = 0
+
+    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+        self.attempts += len(batch)
+        return [Rejection(p.id, "nacked by the broker") for p in batch]
+
+
+async def test_transient_failures_retry_with_backoff_then_dead_letter(
+    storage: MemoryStorage, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("watch", clock=clock)
+    options = WatchStorageOptions(
+        storage_url="memory://test", broker_url="memory://test", max_attempts=4
+    )
+    async with FlakyBroker("memory://test", clock=clock) as broker:
+        await broker.ensure_queue("payler-dead-letter")
+        await storage.store(
+            [make_payload(b"x", payload_id="x", destination="out", due_ms=START_MS)]
+        )
+        done = asyncio.Event()
+        retried_at: list[int] = []
+
+        async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+            retried_at.append(clock.now_ms())
+            rejections = await client.deliver(batch, broker, options, ctx)
+            if broker.messages("payler-dead-letter"):
+                done.set()
+            return rejections
+
+        await _watch_until(storage, handler, done, WatchSettings(retry_base_s=1, retry_max_s=60))
+
+    assert broker.attempts == 4
+    gaps = [b - a for a, b in zip(retried_at, retried_at[1:], strict=False)]
+    # Exponential backoff with ±20 % jitter: about 1 s, 2 s, 4 s.
+    for gap, expected in zip(gaps, (1_000, 2_000, 4_000), strict=True):
+        assert 0.8 * expected <= gap <= 1.2 * expected + 1
+    [dead] = broker.messages("payler-dead-letter")
+    assert "gave up after 4 attempts" in dead.headers[DEAD_LETTER_REASON]
+    assert await storage.count() == 0
+    assert ctx.metrics.totals["retried"] == 3
+
+
+async def test_options_reject_a_batch_larger_than_the_prefetch() -> None:
+    with pytest.raises(ValueError, match="cannot exceed prefetch"):
+        ProcessQueueOptions(prefetch=10, batch_size=50)
