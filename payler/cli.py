@@ -97,7 +97,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # The driver libraries log every reconnect attempt with a traceback at WARNING and above;
-    # the runtime reports those failures itself, once, readably.
-    for noisy in ("aio_pika", "aiormq", "pymongo", "aiosqlite", "aiokafka"):
-        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.ERROR))
+    # The driver libraries log every failed connection attempt, some with tracebacks; payler
+    # reports those failures itself, once and readably. --log-level DEBUG shows them all.
+    if level != "DEBUG":
+        for noisy in ("aio_pika", "aiormq", "pymongo", "aiosqlite", "aiokafka"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)

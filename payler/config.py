@@ -202,6 +202,8 @@ def _explain(path: Path, exc: ValidationError, prefix: str = "") -> str:
             problem = "unknown key"
         elif error["type"] == "missing":
             problem = "required key is missing"
+        elif error["type"] == "value_error":
+            problem = problem.removeprefix("Value error, ")
         else:
             shown = error.get("input")
             if isinstance(shown, str):

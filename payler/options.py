@@ -13,7 +13,11 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from payler.drivers.brokers import BROKER_SCHEMES
+from payler.drivers.storages import STORAGE_SCHEMES
+from payler.urls import mask_url, scheme_of
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_STORAGE_URL = "sqlite:///payler-spool.db"
@@ -30,12 +34,29 @@ def default_storage_url() -> str:
 
 
 class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     broker_url: str = Field(default_factory=default_broker_url)
     storage_url: str = Field(default_factory=default_storage_url)
     dead_letter_queue: str = Field(default="payler-dead-letter", min_length=1)
     batch_size: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, url: str) -> str:
+        return _known_scheme(url, BROKER_SCHEMES, "broker")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _known_storage(cls, url: str) -> str:
+        return _known_scheme(url, STORAGE_SCHEMES, "storage")
+
+
+def _known_scheme(url: str, schemes: tuple[str, ...], what: str) -> str:
+    if scheme_of(url) not in schemes:
+        expected = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"{what} URL {mask_url(url)!r} has an unknown scheme; expected {expected}")
+    return url
 
 
 class ProcessQueueOptions(_Options):

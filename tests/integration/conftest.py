@@ -1,4 +1,4 @@
-"""Fixtures for tests against the real RabbitMQ (127.0.0.1:5672) and payler run as users run it."""
+"""payler run as users run it: the ``payler`` command in a subprocess, and its log."""
 
 from __future__ import annotations
 
@@ -6,95 +6,14 @@ import asyncio
 import os
 import signal
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-AMQP_URL = os.environ.get("PAYLER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 #: How long payler may take to connect and report that it runs.
 START_TIMEOUT_S = 20.0
-
-
-@dataclass
-class Rabbit:
-    """A channel on the real RabbitMQ, and queue names of this test's own (deleted after it)."""
-
-    connection: AbstractRobustConnection
-    channel: AbstractChannel
-    prefix: str
-    names: list[str] = field(default_factory=list)
-
-    def queue_name(self, role: str) -> str:
-        name = f"{self.prefix}-{role}"
-        self.names.append(name)
-        return name
-
-    async def publish(self, queue: str, message: aio_pika.Message) -> None:
-        await self.channel.default_exchange.publish(message, routing_key=queue)
-
-    async def count(self, queue: str) -> int:
-        declared = await self.channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
-
-    async def collect(
-        self, queue: str, count: int, timeout_s: float
-    ) -> list[tuple[float, AbstractIncomingMessage]]:
-        """Consume ``queue`` until ``count`` messages arrived (with their arrival times), or
-        until ``timeout_s``: returns what arrived either way, so the test can say what is missing.
-        """
-        got: list[tuple[float, AbstractIncomingMessage]] = []
-        enough = asyncio.Event()
-        channel = await self.connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            got.append((time.time(), message))
-            await message.ack()
-            if len(got) >= count:
-                enough.set()
-
-        tag = await declared.consume(on_message)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await enough.wait()
-        except TimeoutError:
-            pass
-        finally:
-            await declared.cancel(tag)
-            await channel.close()
-        return got
-
-    async def drain(self, queue: str, settle_s: float = 0.5) -> list[AbstractIncomingMessage]:
-        """Everything on ``queue`` now: get until it is empty."""
-        got = []
-        declared = await self.channel.declare_queue(queue, passive=True)
-        while (message := await declared.get(fail=False, timeout=settle_s)) is not None:
-            got.append(message)
-            await message.ack()
-        return got
-
-
-@pytest.fixture
-async def rabbit() -> AsyncIterator[Rabbit]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    channel = await connection.channel()
-    handle = Rabbit(connection, channel, f"test-{uuid.uuid4().hex[:10]}")
-    try:
-        yield handle
-    finally:
-        cleanup = await connection.channel()
-        for name in handle.names:
-            try:
-                await cleanup.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                cleanup = await connection.channel()
-        await connection.close()
 
 
 @dataclass

@@ -18,7 +18,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from payler.drivers.storages import storage_from_url
-from tests.integration.conftest import AMQP_URL, Payler, Rabbit
+from tests.conftest import AMQP_URL, Rabbit
+from tests.integration.conftest import Payler
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -160,7 +161,7 @@ async def test_sigterm_mid_traffic_loses_nothing(
     ids = [f"s-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
     rng = random.Random(7)
     delivered: list[str] = []
-    enough_delivered = asyncio.Event()
+    enough_delivered, all_delivered = asyncio.Event(), asyncio.Event()
 
     async def publish_all() -> None:
         for message_id in ids:
@@ -175,6 +176,8 @@ async def test_sigterm_mid_traffic_loses_nothing(
         await message.ack()
         if len(delivered) >= n // 10:
             enough_delivered.set()
+        if len(delivered) >= n:
+            all_delivered.set()
 
     await out.consume(on_message)
     payler = await (await Payler.start(setup.config, setup.env, tmp_path)).running()
@@ -197,9 +200,8 @@ async def test_sigterm_mid_traffic_loses_nothing(
     # And a restart delivers the rest: nothing lost, nothing twice.
     payler = await (await Payler.start(setup.config, setup.env, tmp_path)).running()
     try:
-        async with asyncio.timeout(40):
-            while len(delivered) < n:
-                await asyncio.sleep(0.05)  # the consumer above appends; this only re-checks
+        await asyncio.wait_for(all_delivered.wait(), 40)
+        await rabbit.drain(setup.out)  # settle: a duplicate would arrive just after
     except TimeoutError:
         pass
     finally:

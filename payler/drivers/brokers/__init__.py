@@ -21,6 +21,9 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "memory": ("payler.drivers.brokers.memory", "MemoryBroker"),
 }
 
+#: The URL schemes this module can open.
+BROKER_SCHEMES = tuple(_BACKENDS)
+
 
 def broker_from_url(url: str, **settings: Any) -> Broker:
     """The broker driver for ``url`` (not yet connected: use it as ``async with``)."""

@@ -24,6 +24,9 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "memory": ("payler.drivers.storages.memory", "MemoryStorage"),
 }
 
+#: The URL schemes this module can open.
+STORAGE_SCHEMES = tuple(_BACKENDS)
+
 
 def storage_from_url(
     url: str, *, clock: Clock | None = None, metrics: Metrics | None = None

@@ -183,13 +183,9 @@ class MongoStorage(SpoolStorage):
 
     @_transient
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+        again = {"due_ms": due_ms, "visible_ms": due_ms, "token": None, "last_error": reason}
         result = await self._spool.update_one(
-            _held(claim),
-            {
-                "$set": {"due_ms": due_ms, "visible_ms": due_ms, "token": None}
-                | {"last_error": reason},
-                "$inc": {"attempts": 1},
-            },
+            _held(claim), {"$set": again, "$inc": {"attempts": 1}}
         )
         return result.matched_count == 1
 
@@ -330,8 +326,8 @@ def _from_legacy(doc: Doc, now_ms: int) -> Payload | None:
     if reference_date.tzinfo is None:  # BSON dates are UTC; pymongo returns them naive
         reference_date = reference_date.replace(tzinfo=UTC)
     message = doc.get("message")
-    if isinstance(message, bytes):
-        body = message
+    if isinstance(message, bytes):  # bson.Binary too
+        body = bytes(message)
     elif isinstance(message, str):
         body = message.encode()
     else:  # a dict (Payler 0.2 sent it as JSON), or whatever else it was handed

@@ -1,0 +1,445 @@
+"""The spool storage contract (``payler/drivers/storages/base.py``), run against every backend.
+
+:class:`StorageContract` holds the tests; each ``Test*Storage`` subclass provides a connected
+``storage`` fixture for one backend. Times are explicit ``now_ms`` values from a fake clock: no test
+waits for anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from payler.clock import FakeClock
+from payler.drivers.storages import storage_from_url
+from payler.drivers.storages.base import Claim, SpoolStorage
+from payler.drivers.storages.memory import MemoryStorage
+from payler.payload import MessageProperties, Payload
+
+T0 = 1_700_000_000_000
+LEASE = 10_000
+
+
+def payload(payload_id: str, due_ms: int, destination: str = "out", **fields: Any) -> Payload:
+    fields.setdefault("body", f"body of {payload_id}".encode())
+    return Payload(id=payload_id, destination=destination, due_ms=due_ms, created_ms=T0, **fields)
+
+
+def ids(items: list[Claim] | list[Payload]) -> list[str]:
+    return [c.payload.id if isinstance(c, Claim) else c.id for c in items]
+
+
+def assert_same(got: Any, expected: Any, path: str = "value") -> None:
+    """Equal, with the same types all the way down: ``True`` is not ``1``, ``1.50`` not ``1.5``."""
+    assert type(got) is type(expected), f"{path}: {got!r} is not a {type(expected).__name__}"
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), path
+        for key in expected:
+            assert_same(got[key], expected[key], f"{path}[{key!r}]")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert_same(g, e, f"{path}[{i}]")
+    elif isinstance(expected, datetime):
+        assert (got, got.utcoffset()) == (expected, expected.utcoffset()), path
+    elif isinstance(expected, Decimal):
+        assert str(got) == str(expected), path
+    else:
+        assert got == expected, path
+
+
+class StorageContract:
+    """Every storage passes these; a subclass provides the ``storage`` fixture."""
+
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        return FakeClock(T0)
+
+    @pytest.fixture
+    async def twin(self, storage: SpoolStorage, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
+        """A second storage instance on the same URL (another process, as far as it knows)."""
+        async with storage_from_url(storage.url, clock=clock) as other:
+            yield other
+
+    # -- store -------------------------------------------------------------------------------------
+
+    async def test_store_is_idempotent_by_id(self, storage: SpoolStorage) -> None:
+        assert await storage.store([payload("a", T0), payload("b", T0)]) == 2
+        changed = payload("a", T0 + 5, body=b"second version")
+        assert await storage.store([changed, payload("c", T0)]) == 1
+        assert await storage.store([payload("c", T0), payload("c", T0)]) == 0
+        stored = await storage.get("a")
+        assert stored is not None
+        assert (stored.body, stored.due_ms) == (b"body of a", T0)
+        assert await storage.count() == 3
+
+    async def test_store_leaves_a_dead_entry_dead(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0)])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.dead_letter(claim, "bad")
+        assert await storage.store([payload("a", T0)]) == 0
+        assert (await storage.count(), await storage.count(state="dead")) == (0, 1)
+
+    async def test_store_of_nothing(self, storage: SpoolStorage) -> None:
+        assert await storage.store([]) == 0
+
+    # -- claim_due ---------------------------------------------------------------------------------
+
+    async def test_claim_earliest_due_first_within_limit(self, storage: SpoolStorage) -> None:
+        dues = {"e": T0 + 4, "b": T0 + 1, "d": T0 + 3, "a": T0 + 1, "c": T0 + 2}
+        await storage.store([payload(i, due) for i, due in dues.items()])
+        first = await storage.claim_due(T0 + 10, 3, LEASE)
+        assert ids(first) == ["a", "b", "c"]  # due order, ties by id
+        assert ids(await storage.claim_due(T0 + 10, 3, LEASE)) == ["d", "e"]
+        assert await storage.claim_due(T0 + 10, 3, LEASE) == []
+
+    async def test_claim_takes_only_visible_entries(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("now", T0), payload("later", T0 + 1), payload("past", T0 - 1)])
+        assert ids(await storage.claim_due(T0, 10, LEASE)) == ["past", "now"]
+        assert ids(await storage.claim_due(T0 + 1, 10, LEASE)) == ["later"]
+
+    async def test_claim_rejects_bad_arguments(self, storage: SpoolStorage) -> None:
+        with pytest.raises(ValueError, match="positive"):
+            await storage.claim_due(T0, 0, LEASE)
+        with pytest.raises(ValueError, match="positive"):
+            await storage.claim_due(T0, 1, 0)
+
+    async def test_claimed_entry_comes_back_when_the_lease_expires(
+        self, storage: SpoolStorage
+    ) -> None:
+        await storage.store([payload("a", T0)])
+        [first] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.claim_due(T0 + LEASE - 1, 10, LEASE) == []
+        [second] = await storage.claim_due(T0 + LEASE, 10, LEASE)
+        assert second.payload.id == "a"
+        assert second.token != first.token
+
+    async def test_claim_returns_the_payload_as_stored(self, storage: SpoolStorage) -> None:
+        stored = payload("a", T0, source="in")
+        await storage.store([stored])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert claim.payload == stored
+
+    # -- ack ---------------------------------------------------------------------------------------
+
+    async def test_ack_deletes_held_entries(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0), payload("b", T0), payload("c", T0 + 1)])
+        claims = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.ack(claims) == 2
+        assert await storage.get("a") is None
+        assert await storage.get("b") is None
+        assert await storage.get("c") is not None
+        assert await storage.ack(claims) == 0
+        assert await storage.ack([]) == 0
+
+    async def test_stale_ack_deletes_nothing(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0), payload("b", T0)])
+        stale = await storage.claim_due(T0, 10, LEASE)
+        fresh = await storage.claim_due(T0 + LEASE, 1, LEASE)  # "a" re-claimed by another
+        assert ids(fresh) == ["a"]
+        assert await storage.ack(stale) == 1  # only "b", still held by the first claim
+        assert await storage.get("a") is not None
+        assert await storage.ack(fresh) == 1
+        assert await storage.get("a") is None
+
+    # -- retry -------------------------------------------------------------------------------------
+
+    async def test_retry_reschedules_with_attempts_and_reason(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0)])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.retry(claim, T0 + 5_000, "broker down")
+        stored = await storage.get("a")
+        assert stored is not None
+        assert (stored.due_ms, stored.attempts, stored.last_error) == (T0 + 5_000, 1, "broker down")
+        assert await storage.next_visible_ms() == T0 + 5_000
+        assert await storage.claim_due(T0 + 4_999, 10, LEASE) == []
+        [again] = await storage.claim_due(T0 + 5_000, 10, LEASE)
+        assert (again.payload.attempts, again.payload.last_error) == (1, "broker down")
+        assert await storage.ack([claim]) == 0  # the retried claim's token is spent
+        assert await storage.retry(again, T0 + 6_000, "still down")
+        stored = await storage.get("a")
+        assert stored is not None
+        assert (stored.attempts, stored.last_error) == (2, "still down")
+
+    async def test_retry_and_dead_letter_with_a_stale_token_do_nothing(
+        self, storage: SpoolStorage
+    ) -> None:
+        await storage.store([payload("a", T0)])
+        [stale] = await storage.claim_due(T0, 10, LEASE)
+        [fresh] = await storage.claim_due(T0 + LEASE, 10, LEASE)
+        assert not await storage.retry(stale, T0, "late")
+        assert not await storage.dead_letter(stale, "late")
+        stored = await storage.get("a")
+        assert stored is not None
+        assert (stored.attempts, stored.last_error) == (0, None)
+        assert await storage.count(state="dead") == 0
+        assert await storage.claim_due(T0 + LEASE, 10, LEASE) == []  # still leased to `fresh`
+        assert await storage.ack([fresh]) == 1
+        assert not await storage.retry(fresh, T0, "gone")
+        assert not await storage.dead_letter(fresh, "gone")
+
+    # -- dead_letter -------------------------------------------------------------------------------
+
+    async def test_dead_letter_parks_the_entry(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0), payload("b", T0)])
+        claims = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.dead_letter(claims[0], "unroutable")
+        assert await storage.ack(claims) == 1  # "b" only: a dead entry is no longer held
+        assert await storage.next_visible_ms() is None
+        assert (await storage.count(), await storage.count(state="dead")) == (0, 1)
+        page = await storage.list(state="dead")
+        assert ids(page.items) == ["a"]
+        assert page.items[0].last_error == "unroutable"
+        assert (await storage.list()).items == []
+        dead = await storage.get("a")
+        assert dead is not None
+        assert dead.last_error == "unroutable"
+
+    async def test_dead_entries_are_never_claimed(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0)])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.dead_letter(claim, "bad")
+        for now in (T0, T0 + LEASE, T0 + 1_000 * LEASE):
+            assert await storage.claim_due(now, 10, LEASE) == []
+
+    # -- next_visible_ms ---------------------------------------------------------------------------
+
+    async def test_next_visible_ms_follows_due_times_and_leases(
+        self, storage: SpoolStorage
+    ) -> None:
+        assert await storage.next_visible_ms() is None
+        await storage.store([payload("b", T0 + 2_000), payload("a", T0 + 1_000)])
+        assert await storage.next_visible_ms() == T0 + 1_000
+        assert ids(await storage.claim_due(T0 + 1_000, 1, 5_000)) == ["a"]
+        assert await storage.next_visible_ms() == T0 + 2_000
+        assert ids(await storage.claim_due(T0 + 2_000, 1, 5_000)) == ["b"]
+        assert await storage.next_visible_ms() == T0 + 6_000  # a's lease expiry
+        await storage.cancel("a")
+        await storage.cancel("b")
+        assert await storage.next_visible_ms() is None
+
+    # -- admin: get, list, count, cancel, reschedule -----------------------------------------------
+
+    async def test_get(self, storage: SpoolStorage) -> None:
+        stored = payload("a", T0)
+        await storage.store([stored])
+        assert await storage.get("a") == stored
+        assert await storage.get("nope") is None
+
+    async def test_list_filters_by_destination_and_due_range(self, storage: SpoolStorage) -> None:
+        await storage.store(
+            [
+                payload("x1", T0 + 1, "x"),
+                payload("y2", T0 + 2, "y"),
+                payload("x3", T0 + 3, "x"),
+                payload("y4", T0 + 4, "y"),
+                payload("x5", T0 + 5, "x"),
+            ]
+        )
+        assert ids((await storage.list()).items) == ["x1", "y2", "x3", "y4", "x5"]
+        assert ids((await storage.list(destination="x")).items) == ["x1", "x3", "x5"]
+        assert ids((await storage.list(due_from_ms=T0 + 2, due_to_ms=T0 + 4)).items) == [
+            "y2",
+            "x3",
+            "y4",
+        ]
+        assert ids((await storage.list(due_from_ms=T0 + 4)).items) == ["y4", "x5"]
+        assert ids((await storage.list(due_to_ms=T0 + 1)).items) == ["x1"]
+        page = await storage.list(destination="y", due_from_ms=T0 + 3)
+        assert (ids(page.items), page.next_cursor) == (["y4"], None)
+        assert (await storage.list(destination="z")).items == []
+        with pytest.raises(ValueError, match="positive"):
+            await storage.list(limit=0)
+
+    async def test_list_pages_with_a_cursor(self, storage: SpoolStorage) -> None:
+        # Equal due times on page boundaries: the cursor must order by (due, id).
+        dues = [0, 0, 1, 1, 1, 2, 3, 3]
+        entries = [payload(f"p{i}", T0 + due) for i, due in enumerate(dues)]
+        await storage.store([*entries[::2], *entries[1::2]])  # not in order
+        await storage.store([payload("other", T0 + 1, "elsewhere")])
+        pages = []
+        cursor = None
+        for _ in range(3):
+            page = await storage.list(destination="out", limit=3, cursor=cursor)
+            pages.append(ids(page.items))
+            cursor = page.next_cursor
+        assert pages == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6", "p7"]]
+        assert cursor is None
+        whole = await storage.list(destination="out", limit=8)
+        assert (ids(whole.items), whole.next_cursor) == ([f"p{i}" for i in range(8)], None)
+        ranged = await storage.list(due_from_ms=T0 + 1, due_to_ms=T0 + 2, limit=2)
+        assert ids(ranged.items) == ["other", "p2"]
+        assert ranged.next_cursor is not None
+        rest = await storage.list(due_from_ms=T0 + 1, due_to_ms=T0 + 2, cursor=ranged.next_cursor)
+        assert (ids(rest.items), rest.next_cursor) == (["p3", "p4", "p5"], None)
+
+    async def test_count(self, storage: SpoolStorage) -> None:
+        assert await storage.count() == 0
+        await storage.store([payload("a", T0, "x"), payload("b", T0, "x"), payload("c", T0, "y")])
+        claims = await storage.claim_due(T0, 1, LEASE)
+        assert await storage.dead_letter(claims[0], "bad")
+        assert await storage.count() == 2  # leased entries are still pending
+        assert await storage.count(destination="x") == 1
+        assert await storage.count(destination="y") == 1
+        assert await storage.count(state="dead") == 1
+        assert await storage.count(destination="x", state="dead") == 1
+        assert await storage.count(destination="y", state="dead") == 0
+
+    async def test_cancel(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0), payload("b", T0), payload("c", T0 + 1)])
+        assert await storage.cancel("c")
+        assert await storage.get("c") is None
+        assert not await storage.cancel("c")
+        [claim, _] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.dead_letter(claim, "bad")
+        assert await storage.cancel("a")  # dead
+        assert await storage.cancel("b")  # leased
+        assert await storage.count() + await storage.count(state="dead") == 0
+
+    async def test_reschedule_moves_the_due_time(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0)])
+        assert await storage.reschedule("a", T0 + 3_000)
+        stored = await storage.get("a")
+        assert stored is not None
+        assert stored.due_ms == T0 + 3_000
+        assert await storage.next_visible_ms() == T0 + 3_000
+        assert await storage.claim_due(T0 + 2_999, 10, LEASE) == []
+        assert ids(await storage.claim_due(T0 + 3_000, 10, LEASE)) == ["a"]
+        assert not await storage.reschedule("nope", T0)
+
+    async def test_reschedule_drops_the_lease(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0)])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.reschedule("a", T0 + 1)
+        assert await storage.ack([claim]) == 0
+        assert ids(await storage.claim_due(T0 + 1, 10, LEASE)) == ["a"]
+
+    async def test_reschedule_revives_a_dead_entry(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0)])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.dead_letter(claim, "bad")
+        assert await storage.reschedule("a", T0 + 10)
+        assert (await storage.count(), await storage.count(state="dead")) == (1, 0)
+        assert await storage.next_visible_ms() == T0 + 10
+        [again] = await storage.claim_due(T0 + 10, 10, LEASE)
+        assert again.payload.due_ms == T0 + 10
+
+    # -- several claimants -------------------------------------------------------------------------
+
+    async def test_concurrent_claimants_never_share_an_entry(
+        self, storage: SpoolStorage, twin: SpoolStorage
+    ) -> None:
+        total = 60
+        await storage.store([payload(f"m{i:03}", T0 + i % 7) for i in range(total)])
+        seen: list[str] = []
+        for _ in range(10):  # bounded: each round must claim something until all are taken
+            rounds = await asyncio.gather(
+                *(s.claim_due(T0 + 10, 7, LEASE) for s in (storage, twin, storage, twin))
+            )
+            claimed = [c.payload.id for claims in rounds for c in claims]
+            if not claimed:
+                break
+            seen += claimed
+        assert len(seen) == len(set(seen)), "an entry was claimed twice"
+        assert sorted(seen) == [f"m{i:03}" for i in range(total)]
+
+    async def test_twin_sees_the_same_spool(
+        self, storage: SpoolStorage, twin: SpoolStorage
+    ) -> None:
+        await storage.store([payload("a", T0)])
+        [claim] = await twin.claim_due(T0, 10, LEASE)
+        assert await storage.claim_due(T0, 10, LEASE) == []
+        assert await storage.ack([claim]) == 1
+        assert await twin.get("a") is None
+
+    # -- what a payload carries --------------------------------------------------------------------
+
+    async def test_payload_round_trip(self, storage: SpoolStorage) -> None:
+        headers: dict[str, Any] = {
+            "bytes": b"\x00\xff\x80raw",
+            "decimal": Decimal("12.3400"),
+            "datetime": datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=timezone(timedelta(hours=2))),
+            "utc": datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC),
+            "table": {"inner": [1, "two", {"deep": b"\x01", "none": None}], "flag": False},
+            "array": [True, 1, 1.5, None, "é ü 中"],
+            "bool": True,
+            "int": 1,
+            "big": 2**62,
+            "negative": -7,
+            "float": 0.1,
+            "none": None,
+            "str": "x-delay",
+            "x-delay": 5000,
+        }
+        properties = MessageProperties(
+            content_type="application/octet-stream",
+            content_encoding="gzip",
+            correlation_id="corr-1",
+            message_id="msg-1",
+            reply_to="replies",
+            type="event",
+            priority=5,
+            timestamp_ms=T0 - 123,
+            delivery_mode=2,
+            expiration="60000",
+            app_id="tests",
+        )
+        original = Payload(
+            id="round-trip/é",
+            body=bytes(range(256)),
+            headers=headers,
+            properties=properties,
+            source="amqp://in/queue",
+            destination="out.key",
+            due_ms=T0,
+            created_ms=T0 - 5,
+            attempts=2,
+            last_error="earlier failure",
+        )
+        empty = Payload(id="empty", body=b"", destination="out", due_ms=T0 + 1, created_ms=T0)
+        assert await storage.store([original, empty]) == 2
+        got = await storage.get(original.id)
+        [claim, empty_claim] = await storage.claim_due(T0 + 1, 10, LEASE)
+        for copy in (got, claim.payload):
+            assert copy is not None
+            assert_same(copy.headers, headers, "headers")
+            assert copy.body == original.body
+            assert copy.properties == properties
+            assert copy.model_dump() == original.model_dump()
+        assert empty_claim.payload == empty
+        listed = (await storage.list(limit=1)).items[0]
+        assert_same(listed.headers, headers, "listed headers")
+
+
+# -- the backends ----------------------------------------------------------------------------------
+
+
+class TestMemoryStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
+        async with storage_from_url(f"memory://contract-{uuid.uuid4().hex}", clock=clock) as s:
+            yield s
+        MemoryStorage.forget_all()
+
+
+class TestSQLiteStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self, clock: FakeClock, tmp_path: Path) -> AsyncIterator[SpoolStorage]:
+        pytest.importorskip("payler.drivers.storages.sqlite")
+        async with storage_from_url(f"sqlite:///{tmp_path}/spool.db", clock=clock) as s:
+            yield s
+
+
+@pytest.mark.mongodb
+class TestMongoStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self, clock: FakeClock, mongodb_url: str) -> AsyncIterator[SpoolStorage]:
+        async with storage_from_url(mongodb_url, clock=clock) as s:
+            yield s

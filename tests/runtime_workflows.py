@@ -1,0 +1,55 @@
+"""Workflows that the runtime tests load by ``location`` + ``callable``, as users' own are."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from payler.errors import TransientError
+from payler.workflow import WorkflowContext
+
+#: What the workflows saw, for the tests to read.
+calls: dict[str, Any] = {}
+#: Set when ``flaky`` starts its third run.
+third_run = asyncio.Event()
+
+
+async def fails_before_ready(ctx: WorkflowContext) -> None:
+    raise ConnectionRefusedError("connection refused by 127.0.0.1:1")
+
+
+async def flaky(ctx: WorkflowContext) -> None:
+    """Ready, then loses its connection twice; the third run waits for stop."""
+    calls["flaky"] = calls.get("flaky", 0) + 1
+    ctx.ready()
+    if calls["flaky"] < 3:
+        raise TransientError("connection lost")
+    third_run.set()
+    await ctx.stop.wait()
+
+
+async def buggy(ctx: WorkflowContext) -> None:
+    ctx.ready()
+    raise ZeroDivisionError("a bug")
+
+
+async def stubborn(ctx: WorkflowContext) -> None:
+    """Ignores stop: the runtime must cancel it after the grace period."""
+    ctx.ready()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        calls["stubborn cancelled"] = True
+        raise
+
+
+async def polite(ctx: WorkflowContext) -> None:
+    ctx.ready()
+    await ctx.stop.wait()
+    calls["polite options"] = ctx.options
+
+
+async def legacy(loop: asyncio.AbstractEventLoop) -> None:
+    """The original Payler's workflow signature."""
+    calls["legacy loop"] = loop
+    await asyncio.Event().wait()

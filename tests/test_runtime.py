@@ -1,0 +1,84 @@
+"""The runtime: start-up failures, restarts with backoff, and stopping within the grace period."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from payler import config
+from payler.clock import FakeClock
+from payler.errors import StartupError
+from payler.runtime import Runtime
+from tests import runtime_workflows
+
+
+def load(tmp_path: Path, *callables: str, grace: float = 5.0) -> config.Loaded:
+    entries = "".join(
+        f"  - name: {name}\n    location: tests.runtime_workflows\n    callable: {name}\n"
+        f"    options: {{who: {name}}}\n"
+        for name in callables
+    )
+    path = tmp_path / "configuration.yaml"
+    path.write_text(f"workflows:\n{entries}shutdown_grace_seconds: {grace}\n")
+    return config.load(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_calls() -> None:
+    runtime_workflows.calls.clear()
+    runtime_workflows.third_run.clear()
+
+
+async def test_a_workflow_failing_before_ready_is_a_startup_error(tmp_path: Path) -> None:
+    runtime = Runtime(load(tmp_path, "polite", "fails_before_ready"))
+    with pytest.raises(ExceptionGroup) as caught:
+        await asyncio.wait_for(runtime.run(asyncio.Event()), 5)
+    [error] = caught.value.exceptions
+    assert isinstance(error, StartupError)
+    assert "fails_before_ready" in str(error) and "connection refused" in str(error)
+
+
+async def test_transient_failures_after_ready_restart_with_backoff(tmp_path: Path) -> None:
+    clock = FakeClock()
+    start = clock.now_ms()
+    runtime = Runtime(load(tmp_path, "flaky"), clock=clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    await asyncio.wait_for(runtime_workflows.third_run.wait(), 5)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    [ctx] = runtime.contexts
+    assert ctx.metrics.totals["restarts"] == 2
+    assert clock.now_ms() - start >= 3_000  # backoff of 1 s, then 2 s, on the runtime's clock
+
+
+async def test_a_bug_after_ready_ends_the_runtime(tmp_path: Path) -> None:
+    runtime = Runtime(load(tmp_path, "buggy", "polite"))
+    with pytest.raises(ExceptionGroup) as caught:
+        await asyncio.wait_for(runtime.run(asyncio.Event()), 5)
+    assert isinstance(caught.value.exceptions[0], ZeroDivisionError)
+
+
+async def test_stop_lets_workflows_finish_and_cancels_the_rest_after_grace(tmp_path: Path) -> None:
+    runtime = Runtime(load(tmp_path, "polite", "stubborn", grace=0.2))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    async with asyncio.timeout(5):
+        await runtime.started.wait()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert runtime_workflows.calls["polite options"] == {"who": "polite"}
+    assert runtime_workflows.calls["stubborn cancelled"] is True
+
+
+async def test_the_original_payler_workflow_signature_gets_the_loop(tmp_path: Path) -> None:
+    runtime = Runtime(load(tmp_path, "legacy", grace=0.1))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    async with asyncio.timeout(5):
+        await runtime.started.wait()
+    assert runtime_workflows.calls["legacy loop"] is asyncio.get_running_loop()
+    stop.set()
+    await asyncio.wait_for(task, 5)
