@@ -16,7 +16,9 @@ from typing import Any
 _BYTES = "__bytes__"
 _DATETIME = "__datetime__"
 _DECIMAL = "__decimal__"
-_TAGS = frozenset({_BYTES, _DATETIME, _DECIMAL})
+#: Wraps a table that itself has one key named like a tag, so it is not read as a tagged value.
+_TABLE = "__table__"
+_TAGS = frozenset({_BYTES, _DATETIME, _DECIMAL, _TABLE})
 
 
 def to_jsonable(value: Any) -> Any:
@@ -30,7 +32,8 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return {_DECIMAL: str(value)}
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        table = {str(k): to_jsonable(v) for k, v in value.items()}
+        return {_TABLE: table} if len(table) == 1 and next(iter(table)) in _TAGS else table
     if isinstance(value, list | tuple | set | frozenset):
         return [to_jsonable(v) for v in value]
     raise TypeError(f"a header value of type {type(value).__name__} cannot be stored")
@@ -49,6 +52,8 @@ def from_jsonable(value: Any) -> Any:
                 return datetime.fromisoformat(inner)
             if tag == _DECIMAL:
                 return Decimal(inner)
+            if tag == _TABLE:
+                return {k: from_jsonable(v) for k, v in inner.items()}
         return {k: from_jsonable(v) for k, v in value.items()}
     return value
 

@@ -65,6 +65,7 @@ class Metrics:
         self.totals: Counter[str] = Counter()
         self._lateness: list[int] = []
         self._seen = 0
+        self._max = 0
 
     def incr(self, name: MetricName, n: int = 1) -> None:
         if n:
@@ -74,6 +75,7 @@ class Metrics:
     def observe_lateness(self, values_ms: Iterable[int]) -> None:
         for value in values_ms:
             self._seen += 1
+            self._max = max(self._max, value)
             if len(self._lateness) < _MAX_SAMPLES:
                 self._lateness.append(max(0, value))
             # Once full, overwrite a slot now and then: cheap, and good enough for percentiles.
@@ -84,14 +86,15 @@ class Metrics:
         """The interval's summary; starts a new interval."""
         counts = dict(self._interval)
         samples = sorted(self._lateness)
+        lateness = _lateness(samples, self._seen, self._max) if samples else None
         self._interval.clear()
         self._lateness = []
-        self._seen = 0
-        return Summary(counts, _lateness(samples) if samples else None)
+        self._seen = self._max = 0
+        return Summary(counts, lateness)
 
 
-def _lateness(samples: list[int]) -> Lateness:
+def _lateness(samples: list[int], seen: int, true_max: int) -> Lateness:
     def pct(p: float) -> int:
         return samples[min(len(samples) - 1, int(p * len(samples)))]
 
-    return Lateness(len(samples), pct(0.50), pct(0.95), pct(0.99), samples[-1])
+    return Lateness(seen, pct(0.50), pct(0.95), pct(0.99), max(samples[-1], true_max))

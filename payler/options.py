@@ -71,6 +71,16 @@ class ProcessQueueOptions(_Options):
     delay_from: Literal["published", "received"] = "published"
     prefetch: int = Field(default=200, ge=1, le=65_535)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_defaults_to_fit_prefetch(cls, data: object) -> object:
+        # A user who lowers only the prefetch gets batches that fit in it, not an error.
+        if isinstance(data, dict) and "batch_size" not in data and "prefetch" in data:
+            prefetch = data["prefetch"]
+            if isinstance(prefetch, int) and 1 <= prefetch < 100:
+                return {**data, "batch_size": prefetch}
+        return data
+
     @model_validator(mode="after")
     def _batch_fits_prefetch(self) -> ProcessQueueOptions:
         if self.batch_size > self.prefetch:

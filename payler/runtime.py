@@ -27,6 +27,8 @@ from payler.workflow import WorkflowContext
 log = logging.getLogger("payler.runtime")
 
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: A run that lasted this long resets the backoff: the next failure is a new outage.
+HEALTHY_RUN_MS = 60_000
 
 
 class Runtime:
@@ -82,6 +84,7 @@ class Runtime:
     async def _supervise(self, workflow: LoadedWorkflow, ctx: WorkflowContext) -> None:
         attempt = 0
         while True:
+            started_ms = self.clock.now_ms()
             try:
                 await self._call(workflow, ctx)
             except (ConfigError, StartupError):
@@ -91,6 +94,8 @@ class Runtime:
                     raise StartupError(f"workflow {ctx.name!r} could not start: {exc}") from exc
                 if not is_transient(exc) or ctx.stopping:
                     raise
+                if self.clock.now_ms() - started_ms > HEALTHY_RUN_MS:
+                    attempt = 0  # it ran well for a while: this is a new outage
                 delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
                 attempt += 1
                 ctx.metrics.incr("restarts")

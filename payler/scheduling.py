@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ SCHEDULING_HEADERS = frozenset({DELAY_HEADER, DELIVER_AT_HEADER, DESTINATION_HEA
 TIMESTAMP_RESOLUTION_MS = 999
 #: An epoch-milliseconds due time before 2001-09-09 is almost surely seconds sent by mistake.
 _SMALLEST_EPOCH_MS = 1_000_000_000_000
-_NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
+_NUMBER = re.compile(r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*$")  # ASCII digits only
 
 DelayFrom = Literal["published", "received"]
 
@@ -123,8 +123,7 @@ def parse_delay(value: Any) -> int:
 def parse_deliver_at(value: Any) -> int:
     """``x-deliver-at`` as epoch milliseconds, from a number, a numeric string or ISO 8601."""
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return math.ceil(moment.timestamp() * 1000)
+        return _datetime_ms(value if value.tzinfo else value.replace(tzinfo=UTC))
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     if isinstance(text, str) and not _NUMBER.match(text):
         try:
@@ -138,7 +137,7 @@ def parse_deliver_at(value: Any) -> int:
             raise InvalidSchedule(
                 f"{DELIVER_AT_HEADER} has no UTC offset ({_show(value)}): add one, e.g. +00:00"
             )
-        return math.ceil(moment.timestamp() * 1000)
+        return _datetime_ms(moment)
     number = _as_number(value, DELIVER_AT_HEADER)
     if number < _SMALLEST_EPOCH_MS:
         raise InvalidSchedule(
@@ -165,11 +164,22 @@ def without_scheduling_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in headers.items() if k not in SCHEDULING_HEADERS}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def _datetime_ms(moment: datetime) -> int:
+    """Epoch milliseconds of an aware datetime, rounded up, in exact integer arithmetic."""
+    return -((_EPOCH - moment) // _ONE_MS)
+
+
 def _as_number(value: Any, header: str) -> float:
     if isinstance(value, bool):
         raise InvalidSchedule(f"{header} is not a number ({_show(value)})")
     if isinstance(value, int):
         return value
+    if isinstance(value, Decimal) and value.is_nan():
+        raise InvalidSchedule(f"{header} is not a finite number ({_show(value)})")
     if isinstance(value, float | Decimal):
         number = float(value)
     elif isinstance(value, str | bytes):

@@ -8,12 +8,18 @@ def mask_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
+    netloc = rest.partition("/")[0]
+    if "@" in netloc:
+        userinfo, _, after = rest.partition("/")[0].rpartition("@")
+        after += rest[len(netloc) :]
+    else:
+        # A password holding a raw "/" (not valid, but users write it) ends the netloc early:
+        # the user information then runs to the last "@".
+        userinfo, _, after = rest.rpartition("@")
+    if ":" not in userinfo or "/" in userinfo.split(":", 1)[0]:
         return url
     user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}{slash}{tail}"
+    return f"{scheme}://{user}:***@{after}"
 
 
 def scheme_of(url: str) -> str:

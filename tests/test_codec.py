@@ -118,11 +118,6 @@ def test_unsupported_types_raise_type_error(value: Any) -> None:
         codec.dumps(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="payler bug: a header table whose only key is a tag name is decoded as the tagged type "
-    "(or fails to decode: binascii.Error, ValueError), so it does not round trip",
-)
 @pytest.mark.parametrize(
     "value",
     [{"__bytes__": "hello"}, {"__decimal__": "1"}, {"__datetime__": "soon"}],

@@ -1,7 +1,7 @@
 """The configuration file (``payler/config.py``): loading, expansion and the errors it explains.
 
-Each test writes its file under ``tmp_path`` and passes ``environ`` explicitly. The built-in options'
-URL defaults read ``os.environ`` when validated, so those tests set it with ``monkeypatch``.
+Each test writes its file under ``tmp_path`` and passes ``environ`` explicitly. The built-in
+options' URL defaults read ``os.environ`` when validated: those tests use ``monkeypatch``.
 """
 
 from __future__ import annotations
@@ -204,9 +204,8 @@ def test_variables_are_expanded_in_nested_options(tmp_path: Path) -> None:
         number: 5
         """,
     )
-    options = config.load(path, environ={"QUEUE": "jobs", "A": "a", "HOST": "rabbit"}).workflows[
-        0
-    ].options
+    loaded = config.load(path, environ={"QUEUE": "jobs", "A": "a", "HOST": "rabbit"})
+    options = loaded.workflows[0].options
     assert options == {
         "queue": "jobs",
         "nested": {
@@ -433,9 +432,8 @@ def test_a_user_workflow_with_an_options_model(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     text = "workflows:\n  - location: my_workflows\n    callable: run\n"
-    options = config.load(write(tmp_path, text + "    options: {times: 3}\n"), {}).workflows[
-        0
-    ].options
+    loaded = config.load(write(tmp_path, text + "    options: {times: 3}\n"), environ={})
+    options = loaded.workflows[0].options
     assert type(options).__name__ == "Options"
     assert (options.greeting, options.times) == ("hello", 3)
 
@@ -472,3 +470,10 @@ def test_a_user_module_with_a_missing_dependency(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, text))
     assert "workflows[0]: importing 'my_workflows' failed" in message
     assert "no_such_dependency_xyz" in message
+
+
+def test_lowering_only_the_prefetch_lowers_the_batch_to_fit() -> None:
+    assert ProcessQueueOptions(prefetch=50).batch_size == 50
+    assert ProcessQueueOptions(prefetch=500).batch_size == 100
+    with pytest.raises(ValueError, match="cannot exceed prefetch"):
+        ProcessQueueOptions(prefetch=50, batch_size=60)

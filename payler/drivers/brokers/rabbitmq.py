@@ -1,8 +1,14 @@
 """RabbitMQ, through aio-pika.
 
-- A robust (reconnecting) connection; consuming with a prefetch window; messages taken in
-  natural batches (whatever has arrived, up to ``batch_size``, without waiting for more), and
-  acknowledged once per batch after the handler returned.
+- Reconnecting, in one place: when the connection or a channel is lost, ``serve`` and
+  ``process`` raise :class:`~payler.errors.TransientError` and the runtime restarts the workflow
+  with backoff: a fresh connection, a fresh consumer, nothing half-restored. (aio-pika's robust
+  connection restores consumers behind our back, with the delivery tags of messages in hand gone
+  stale; one explicit mechanism is easier to reason about and to test.) Messages unacknowledged
+  at the loss go back to the queue: at least once, nothing lost.
+- Consuming with a prefetch window; messages taken in natural batches (whatever has arrived, up
+  to ``batch_size``, without waiting for more), and acknowledged once per batch after the handler
+  returned.
 - Publishing with publisher confirms and ``mandatory``: an unroutable message comes back as a
   permanent rejection; the publishes of a batch are pipelined (sent together, confirmed together).
 - An existing queue is used as it is, whatever its arguments (Payler 0.2.0 declared
@@ -24,9 +30,9 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractRobustConnection,
     DeliveryMode,
 )
 
@@ -51,12 +57,12 @@ CONNECT_TIMEOUT_S = 10.0
 class RabbitMQBroker(Broker):
     """A RabbitMQ broker (see the module docstring)."""
 
-    _connection: AbstractRobustConnection | None = None
+    _connection: AbstractConnection | None = None
     _publish_channel: AbstractChannel | None = None
 
     async def connect(self) -> None:
         try:
-            self._connection = await aio_pika.connect_robust(
+            self._connection = await aio_pika.connect(
                 self.url,
                 timeout=CONNECT_TIMEOUT_S,
                 client_properties={"connection_name": "payler"},
@@ -77,7 +83,7 @@ class RabbitMQBroker(Broker):
                 await connection.close()
 
     @property
-    def connection(self) -> AbstractRobustConnection:
+    def connection(self) -> AbstractConnection:
         if self._connection is None:
             raise RuntimeError("the RabbitMQ broker is not connected (use it as `async with`)")
         return self._connection
@@ -101,7 +107,9 @@ class RabbitMQBroker(Broker):
             raise ValueError("this broker was opened without a queue to serve")
         await self.ensure_queue(self.queue)
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        lost = asyncio.Event()
         async with self.connection.channel() as channel:
+            channel.close_callbacks.add(lambda *_: lost.set())
             await channel.set_qos(prefetch_count=self.prefetch)
             queue = await channel.get_queue(self.queue, ensure=False)
 
@@ -111,7 +119,12 @@ class RabbitMQBroker(Broker):
             consumer_tag = await queue.consume(on_message)
             try:
                 while not stop.is_set():
-                    batch = await _next_batch(inbox, stop, self.batch_size)
+                    batch = await _next_batch(inbox, stop, lost, self.batch_size)
+                    if lost.is_set():
+                        raise TransientError(
+                            f"lost the RabbitMQ channel consuming {self.queue!r} "
+                            f"({len(batch)} messages in hand will be redelivered)"
+                        )
                     if batch:
                         await self._handle(batch, handler)
             finally:
@@ -224,14 +237,18 @@ class RabbitMQBroker(Broker):
 
 
 async def _next_batch(
-    inbox: asyncio.Queue[AbstractIncomingMessage], stop: asyncio.Event, limit: int
+    inbox: asyncio.Queue[AbstractIncomingMessage],
+    stop: asyncio.Event,
+    lost: asyncio.Event,
+    limit: int,
 ) -> list[AbstractIncomingMessage]:
-    """Wait for one message (or ``stop``), then take whatever else has arrived, up to ``limit``."""
+    """Wait for one message (or ``stop``, or ``lost``), then take whatever else has arrived."""
     if inbox.empty():
         getter = asyncio.ensure_future(inbox.get())
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([getter, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())]
+        await asyncio.wait([getter, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
         if not getter.done():
             getter.cancel()
             return []
