@@ -69,8 +69,8 @@ async def test_kill_9_mid_traffic_loses_nothing(
 
     payler = await (await Payler.start(config, env, tmp_path)).running()
     for i, message_id in enumerate(ids):
-        await rabbit.publish(jobs, aio_pika.Message(b"k", message_id=message_id,
-                                                    headers={"x-delay": (i * 7) % 1500}))  # fmt: skip
+        delay = {"x-delay": (i * 7) % 1500}
+        await rabbit.publish(jobs, aio_pika.Message(b"k", message_id=message_id, headers=delay))
     await asyncio.wait_for(collector.some.wait(), 30)
     await payler.kill()  # SIGKILL: no drain, no goodbye, whatever was in flight
 
@@ -110,7 +110,7 @@ async def test_payler_recovers_when_the_broker_drops_its_connections(
     jobs, out, dead = queues
     config = write_config(tmp_path / "configuration.yaml", jobs, out, dead)
     env = {"BROKER_URL": payler_user, "PAYLER_STORAGE_URL": f"sqlite:///{tmp_path}/spool.db"}
-    user = payler_user.split("//")[1].split(":")[0]
+    user = payler_user.partition("//")[2].partition(":")[0]
     n = 100
     collector = Collector(n)
     channel = await rabbit.connection.channel()
@@ -121,8 +121,8 @@ async def test_payler_recovers_when_the_broker_drops_its_connections(
             rabbitmqctl, "close_all_user_connections", user, "test: broker-side disconnect"
         )
         for i in range(n):
-            await rabbit.publish(jobs, aio_pika.Message(b"r", message_id=f"r-{i}",
-                                                        headers={"x-delay": 100}))  # fmt: skip
+            message = aio_pika.Message(b"r", message_id=f"r-{i}", headers={"x-delay": 100})
+            await rabbit.publish(jobs, message)
         await asyncio.wait_for(collector.complete.wait(), 60)
     finally:
         code = await payler.stop()
