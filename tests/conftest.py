@@ -167,3 +167,23 @@ async def rabbit() -> AsyncIterator[Rabbit]:
             except aio_pika.exceptions.AMQPError:
                 cleanup = await connection.channel()
         await connection.close()
+
+
+def rabbitmqctl(*args: str) -> None:
+    """Run ``rabbitmqctl`` (users, vhosts and connections of the test broker)."""
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A RabbitMQ virtual host of this test's own: an AMQP URL into it; deleted after the test.
+
+    For tests that run payler with its default queue names (payler-jobs, payler-out).
+    """
+    name = f"payler-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"{AMQP_URL.rstrip('/')}/{name}"
+    finally:
+        rabbitmqctl("delete_vhost", name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.conftest import AMQP_URL, Rabbit
+from tests.conftest import AMQP_URL, Rabbit, rabbitmqctl
 from tests.integration.conftest import Payler
 
 pytestmark = pytest.mark.rabbitmq
@@ -86,10 +85,6 @@ async def test_kill_9_mid_traffic_loses_nothing(
     # At least once: a kill between a publish and its delete may deliver a message twice,
     # but that is the only way to get a duplicate, so there can be at most one batch of them.
     assert len(collector.ids) - n <= 100
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture
