@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -54,8 +55,8 @@ def main(config_file: Path, log_level: str, check: bool) -> None:
         sys.exit(EXIT_OK)
     try:
         asyncio.run(_serve(Runtime(loaded)))
-    except* (ConfigError, StartupError) as group:
-        _fail(group.exceptions[0])
+    except (ConfigError, StartupError) as exc:
+        _fail(exc)
     sys.exit(EXIT_OK)
 
 
@@ -83,10 +84,7 @@ async def _serve(runtime: Runtime) -> None:
     log.info("payler stopped")
 
 
-def _fail(exc: BaseException) -> None:
-    # Flatten groups and chains into the one message the user needs.
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
+def _fail(exc: BaseException) -> NoReturn:
     click.echo(f"payler: error: {exc}", err=True)
     sys.exit(EXIT_CONFIG)
 

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Sequence
 
 from payler.clock import Clock, SystemClock
 from payler.config import Loaded, LoadedWorkflow
@@ -41,13 +40,20 @@ class Runtime:
         self.started = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set (then drain within the grace period) or a fatal error."""
+        """Run until ``stop`` is set (then drain within the grace period) or a fatal error.
+
+        A fatal error (a start-up failure, a bug) in one workflow stops the others the same way
+        a signal does — they finish their work in hand and close their connections — and is then
+        raised from here.
+        """
         settings = self.loaded.config
+        stopping = asyncio.Event()  # set by ``stop`` or by a fatal error
+        fatal: list[BaseException] = []
         self.contexts = [
             WorkflowContext(
                 name=w.name,
                 options=w.options,
-                stop=stop,
+                stop=stopping,
                 clock=self.clock,
                 log=logging.getLogger(f"payler.workflow.{w.index}"),
             )
@@ -55,16 +61,22 @@ class Runtime:
         ]
         async with asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(self._supervise(w, ctx), name=f"workflow:{ctx.name}")
+                group.create_task(
+                    self._supervise(w, ctx, fatal, stopping), name=f"workflow:{ctx.name}"
+                )
                 for w, ctx in zip(self.loaded.workflows, self.contexts, strict=True)
             ]
-            reporter = group.create_task(self._report(settings.stats_interval_seconds, stop))
-            group.create_task(self._announce_start(tasks))
-            await stop.wait()
-            log.info(
-                "stopping: finishing work in hand (grace period %.0f s)",
-                settings.shutdown_grace_seconds,
-            )
+            helpers = [
+                group.create_task(self._report(settings.stats_interval_seconds, stopping)),
+                group.create_task(self._announce_start(len(tasks))),
+                group.create_task(_relay(stop, stopping)),
+            ]
+            await stopping.wait()
+            if not fatal:
+                log.info(
+                    "stopping: finishing work in hand (grace period %.0f s)",
+                    settings.shutdown_grace_seconds,
+                )
             _, pending = await asyncio.wait(tasks, timeout=settings.shutdown_grace_seconds)
             for task in pending:
                 log.warning(
@@ -72,16 +84,31 @@ class Runtime:
                     task.get_name().removeprefix("workflow:"),
                 )
                 task.cancel()
-            reporter.cancel()
+            for helper in helpers:
+                helper.cancel()
         self._log_summaries(final=True)
+        if fatal:
+            raise fatal[0]
 
-    async def _announce_start(self, tasks: Sequence[asyncio.Task[None]]) -> None:
-        waiters = [asyncio.ensure_future(ctx.started.wait()) for ctx in self.contexts]
-        await asyncio.wait(waiters)
+    async def _announce_start(self, count: int) -> None:
+        await asyncio.gather(*(ctx.started.wait() for ctx in self.contexts))
         self.started.set()
-        log.info("payler is running %d workflow(s)", len(tasks))
+        log.info("payler is running %d workflow(s)", count)
 
-    async def _supervise(self, workflow: LoadedWorkflow, ctx: WorkflowContext) -> None:
+    async def _supervise(
+        self,
+        workflow: LoadedWorkflow,
+        ctx: WorkflowContext,
+        fatal: list[BaseException],
+        stopping: asyncio.Event,
+    ) -> None:
+        try:
+            await self._run_with_restarts(workflow, ctx)
+        except Exception as exc:
+            fatal.append(exc)
+            stopping.set()
+
+    async def _run_with_restarts(self, workflow: LoadedWorkflow, ctx: WorkflowContext) -> None:
         attempt = 0
         while True:
             started_ms = self.clock.now_ms()
@@ -135,6 +162,11 @@ class Runtime:
             summary = ctx.metrics.take()
             if summary:
                 log.info("%s%s: %s", "final: " if final else "", ctx.name, summary)
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float, clock: Clock) -> None:

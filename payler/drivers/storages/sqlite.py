@@ -11,6 +11,8 @@ disk.)
 
 from __future__ import annotations
 
+import asyncio
+import random
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -71,17 +73,27 @@ class SQLiteStorage(SpoolStorage):
 
     async def connect(self) -> None:
         path = path_of(self.url)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we open transactions ourselves, so each one is explicit.
-            self._db = await aiosqlite.connect(path, isolation_level=None)
-            await self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            await self._db.execute("PRAGMA journal_mode = WAL")
-            await self._db.execute("PRAGMA synchronous = FULL")
-            await self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            await self.close()
-            raise StartupError(f"cannot open the SQLite spool {str(path)!r}: {exc}") from exc
+        deadline = asyncio.get_running_loop().time() + _BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: we open transactions ourselves, so each one is explicit.
+                self._db = await aiosqlite.connect(path, isolation_level=None)
+                await self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                await self._db.execute("PRAGMA journal_mode = WAL")
+                await self._db.execute("PRAGMA synchronous = FULL")
+                await self._db.executescript(_SCHEMA)
+                return
+            except (OSError, sqlite3.Error) as exc:
+                await self.close()
+                # Switching a new file to WAL takes an exclusive lock that SQLite's busy handler
+                # does not wait for: two workflows opening one new spool together collide here.
+                locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                if not locked or asyncio.get_running_loop().time() > deadline:
+                    raise StartupError(
+                        f"cannot open the SQLite spool {str(path)!r}: {exc}"
+                    ) from exc
+                await asyncio.sleep(0.01 + random.random() * 0.05)
 
     async def close(self) -> None:
         if self._db is not None:
