@@ -21,6 +21,7 @@ from payler.errors import InvalidSchedule
 from payler.options import ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
 from payler.scheduling import SchedulingRules, schedule
+from payler.urls import mask_url
 from payler.workflow import WorkflowContext
 
 
@@ -46,7 +47,13 @@ async def process_queue(ctx: WorkflowContext) -> None:
         await broker.ensure_queue(options.queue)
         await broker.ensure_queue(options.dead_letter_queue)
         ctx.ready()
-        ctx.log.info("spooling messages of queue %r into %s", options.queue, type(storage).__name__)
+        ctx.log.info(
+            "spooling messages of queue %r at %s into %s (dead letters: %r)",
+            options.queue,
+            mask_url(options.broker_url),
+            mask_url(options.storage_url),
+            options.dead_letter_queue,
+        )
         await broker.serve(
             lambda batch: spool(batch, storage, broker, rules, options.dead_letter_queue, ctx),
             ctx.stop,
@@ -108,7 +115,13 @@ async def watch_storage(ctx: WorkflowContext) -> None:
         for queue in [*options.declare_queues, options.dead_letter_queue]:
             await broker.ensure_queue(queue)
         ctx.ready()
-        ctx.log.info("delivering due payloads from %s", type(storage).__name__)
+        ctx.log.info(
+            "delivering due payloads from %s to %s (exchange %r; dead letters: %r)",
+            mask_url(options.storage_url),
+            mask_url(options.broker_url),
+            options.exchange,
+            options.dead_letter_queue,
+        )
         await storage.serve(
             lambda batch: deliver(batch, broker, options, ctx), ctx.stop, settings=settings
         )
