@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from payler.drivers.base import Rejection
@@ -18,6 +19,8 @@ from payler.drivers.brokers.base import Broker
 from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import SpoolStorage, WatchSettings
 from payler.errors import InvalidSchedule
+from payler.faults import fault_point
+from payler.identity import random_spool_id
 from payler.options import ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
 from payler.scheduling import SchedulingRules, schedule
@@ -28,12 +31,6 @@ from payler.workflow import WorkflowContext
 async def process_queue(ctx: WorkflowContext) -> None:
     """Consume a queue and spool each message until it is due (see the module docstring)."""
     options: ProcessQueueOptions = ctx.options
-    rules = SchedulingRules(
-        default_destination=options.default_destination,
-        default_delay_ms=options.default_delay_ms,
-        max_delay_ms=options.max_delay_ms,
-        delay_from=options.delay_from,
-    )
     storage = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
     broker = broker_from_url(
         options.broker_url,
@@ -55,7 +52,7 @@ async def process_queue(ctx: WorkflowContext) -> None:
             options.dead_letter_queue,
         )
         await broker.serve(
-            lambda batch: spool(batch, storage, broker, rules, options.dead_letter_queue, ctx),
+            lambda batch: spool(batch, storage, broker, options, ctx),
             ctx.stop,
         )
 
@@ -63,15 +60,26 @@ async def process_queue(ctx: WorkflowContext) -> None:
 process_queue.options_model = ProcessQueueOptions  # type: ignore[attr-defined]
 
 
+@functools.cache
+def scheduling_rules(options: ProcessQueueOptions) -> SchedulingRules:
+    """The scheduling rules a ``process_queue`` workflow's options describe."""
+    return SchedulingRules(
+        default_destination=options.default_destination,
+        default_delay_ms=options.default_delay_ms,
+        max_delay_ms=options.max_delay_ms,
+        delay_from=options.delay_from,
+    )
+
+
 async def spool(
     batch: Sequence[Payload],
     storage: SpoolStorage,
     broker: Broker,
-    rules: SchedulingRules,
-    dead_letter_queue: str,
+    options: ProcessQueueOptions,
     ctx: WorkflowContext,
 ) -> list[Rejection]:
     """Schedule, store and dead-letter one batch; return only once all of it is durable."""
+    rules = scheduling_rules(options)
     scheduled, invalid = [], []
     for payload in batch:
         try:
@@ -84,16 +92,18 @@ async def spool(
         except InvalidSchedule as exc:
             invalid.append((payload, exc.reason))
             continue
-        scheduled.append(
-            payload.model_copy(update={"due_ms": when.due_ms, "destination": when.destination})
-        )
+        update: dict[str, object] = {"due_ms": when.due_ms, "destination": when.destination}
+        if options.spool_id == "random" and not payload.properties.message_id:
+            update["id"] = random_spool_id(payload.id.partition(":")[0], payload.source)
+        scheduled.append(payload.model_copy(update=update))
     new = await storage.store(scheduled)
+    fault_point("after-store")
     ctx.metrics.incr("spooled", new)
     ctx.metrics.incr("duplicates", len(scheduled) - new)
     if invalid:
         for payload, reason in invalid:
             ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
-        await broker.dead_letter(invalid, dead_letter_queue)
+        await broker.dead_letter(invalid, options.dead_letter_queue)
     return []
 
 
@@ -133,23 +143,32 @@ watch_storage.options_model = WatchStorageOptions  # type: ignore[attr-defined]
 async def deliver(
     batch: Sequence[Payload], broker: Broker, options: WatchStorageOptions, ctx: WorkflowContext
 ) -> list[Rejection]:
-    """Publish one batch; dead-letter what cannot be delivered; return what to retry later."""
-    rejections = await broker.process(batch)
-    by_id = {p.id: p for p in batch}
-    give_up, retry = [], []
+    """Publish one batch; dead-letter what cannot be delivered; return what to retry later.
+
+    ``attempts`` counts every failed delivery of a payload (a nack, a lost connection, an
+    unroutable publish when ``retry_unroutable`` is set); one that reaches ``max_attempts`` is
+    dead-lettered with its last error.
+    """
+    exhausted = [p for p in batch if p.attempts >= options.max_attempts]
+    give_up = [(p, f"gave up after {p.attempts} attempts: {p.last_error}") for p in exhausted]
+    sending = [p for p in batch if p.attempts < options.max_attempts]
+    rejections = await broker.process(sending)
+    fault_point("after-publish")
+    by_id = {p.id: p for p in sending}
+    retry = []
     for rejection in rejections:
         payload = by_id[rejection.payload_id]
-        if rejection.permanent:
+        if rejection.permanent and not options.retry_unroutable:
             give_up.append((payload, rejection.reason))
         elif payload.attempts + 1 >= options.max_attempts:
             give_up.append(
                 (payload, f"gave up after {payload.attempts + 1} attempts: {rejection.reason}")
             )
         else:
-            retry.append(rejection)
+            retry.append(Rejection(rejection.payload_id, rejection.reason))
     for payload, reason in give_up:
         ctx.log.warning("dead-lettering payload %s: %s", payload.id, reason)
     await broker.dead_letter(give_up, options.dead_letter_queue)
-    ctx.metrics.incr("delivered", len(batch) - len(rejections))
+    ctx.metrics.incr("delivered", len(sending) - len(rejections))
     ctx.metrics.incr("retried", len(retry))
     return retry

@@ -70,6 +70,9 @@ class ProcessQueueOptions(_Options):
     #: Count x-delay from the publish time the message carries ("published"), or from receipt.
     delay_from: Literal["published", "received"] = "published"
     prefetch: int = Field(default=200, ge=1, le=65_535)
+    #: Ids of messages without a message id: "content" (a digest: a redelivery is not spooled
+    #: twice) or "random" (two identical messages are never merged). See payler/identity.py.
+    spool_id: Literal["content", "random"] = "content"
 
     @model_validator(mode="before")
     @classmethod
@@ -100,7 +103,10 @@ class WatchStorageOptions(_Options):
     declare_queues: list[str] = Field(default_factory=lambda: ["payler-out"])
     lease_ms: int = Field(default=30_000, ge=100)
     max_poll_interval_ms: int = Field(default=1_000, ge=1)
-    #: Deliveries that fail transiently are retried with exponential backoff, then dead-lettered.
+    #: Failed deliveries are retried with exponential backoff, then dead-lettered.
     max_attempts: int = Field(default=10, ge=1)
+    #: Retry an unroutable payload (its destination queue may appear later) instead of
+    #: dead-lettering it at once.
+    retry_unroutable: bool = False
     retry_base_ms: int = Field(default=1_000, ge=1)
     retry_max_ms: int = Field(default=300_000, ge=1)

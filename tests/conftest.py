@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
+import pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
@@ -106,6 +107,26 @@ class Rabbit:
 
     async def publish(self, queue: str, message: aio_pika.Message) -> None:
         await self.channel.default_exchange.publish(message, routing_key=queue)
+
+    async def publish_without_message_ids(
+        self, queue: str, messages: list[tuple[bytes, dict[str, object]]]
+    ) -> None:
+        """Publish as a client that sets no message id (aio-pika's aiormq invents one for every
+        publish: it needs them to match returned messages), through pika in a thread."""
+
+        def publish() -> None:
+            connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+            try:
+                channel = connection.channel()
+                channel.confirm_delivery()
+                for body, headers in messages:
+                    channel.basic_publish(
+                        "", queue, body, pika.BasicProperties(headers=headers), mandatory=True
+                    )
+            finally:
+                connection.close()
+
+        await asyncio.to_thread(publish)
 
     async def count(self, queue: str) -> int:
         """Messages ready on ``queue`` now (a fresh channel: a robust one caches declarations)."""

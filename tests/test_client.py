@@ -12,13 +12,14 @@ from payler import client
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import DEAD_LETTER_REASON
 from payler.drivers.storages.base import WatchSettings
+from payler.errors import TransientError
 from payler.options import ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
-from payler.scheduling import SchedulingRules
 from payler.testing import FakeClock, MemoryBroker, MemoryStorage, make_payload, reset
 from payler.workflow import WorkflowContext
 
 START_MS = 1_700_000_000_000
+INGEST = ProcessQueueOptions(broker_url="memory://test", storage_url="memory://test")
 
 
 @pytest.fixture
@@ -60,9 +61,7 @@ async def test_spool_schedules_stores_and_dead_letters(
         received(make_payload(b"d", headers={}, payload_id="d")),
     ]
 
-    rejected = await client.spool(
-        batch, storage, broker, SchedulingRules(), "payler-dead-letter", ctx
-    )
+    rejected = await client.spool(batch, storage, broker, INGEST, ctx)
 
     assert rejected == []
     a, b = await storage.get("a"), await storage.get("b")
@@ -85,8 +84,8 @@ async def test_spool_is_idempotent_by_id(
     first = received(make_payload(b"v1", headers={"x-delay": 10}, payload_id="same"))
     again = received(make_payload(b"v2", headers={"x-delay": 10}, payload_id="same"))
 
-    await client.spool([first], storage, broker, SchedulingRules(), "dlq", ctx)
-    await client.spool([again], storage, broker, SchedulingRules(), "dlq", ctx)
+    await client.spool([first], storage, broker, INGEST, ctx)
+    await client.spool([again], storage, broker, INGEST, ctx)
 
     assert await storage.count() == 1
     stored = await storage.get("same")
@@ -244,3 +243,85 @@ async def test_transient_failures_retry_with_backoff_then_dead_letter(
 async def test_options_reject_a_batch_larger_than_the_prefetch() -> None:
     with pytest.raises(ValueError, match="cannot exceed prefetch"):
         ProcessQueueOptions(prefetch=10, batch_size=50)
+
+
+class DeadBroker(MemoryBroker):
+    """A broker whose connection is gone: every publish fails as a whole."""
+
+    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+        raise TransientError("connection to the broker lost")
+
+
+async def test_a_failed_batch_is_given_back_with_backoff_not_left_leased(
+    storage: MemoryStorage, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("watch", clock=clock)
+    options = WatchStorageOptions(storage_url="memory://test", broker_url="memory://test")
+    await storage.store([make_payload(payload_id="x", destination="out", due_ms=START_MS)])
+    async with DeadBroker("memory://test", clock=clock) as broker:
+        with pytest.raises(TransientError):
+            await storage.serve(
+                lambda batch: client.deliver(batch, broker, options, ctx),
+                asyncio.Event(),
+                settings=WatchSettings(lease_ms=60_000, retry_base_s=2, retry_max_s=2),
+            )
+    entry = await storage.get("x")
+    assert entry is not None
+    assert entry.attempts == 1
+    assert entry.last_error is not None and "connection to the broker lost" in entry.last_error
+    # Claimable again after the backoff (about 2 s), not after the 60 s lease.
+    assert await storage.next_visible_ms() is not None
+    assert (await storage.next_visible_ms() or 0) - START_MS <= 2_400
+
+
+async def test_a_payload_out_of_attempts_is_dead_lettered_without_another_publish(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("watch", clock=clock)
+    options = WatchStorageOptions(
+        storage_url="memory://test", broker_url="memory://test", max_attempts=3
+    )
+    tired = make_payload(b"t", payload_id="t", destination="payler-out").model_copy(
+        update={"attempts": 3, "last_error": "delivery failed: connection lost"}
+    )
+
+    assert await client.deliver([tired], broker, options, ctx) == []
+
+    assert broker.messages("payler-out") == []
+    [dead] = broker.messages("payler-dead-letter")
+    assert dead.headers[DEAD_LETTER_REASON] == (
+        "gave up after 3 attempts: delivery failed: connection lost"
+    )
+
+
+async def test_unroutable_payloads_can_be_retried_instead(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("watch", clock=clock)
+    options = WatchStorageOptions(
+        storage_url="memory://test", broker_url="memory://test", retry_unroutable=True
+    )
+    lost = make_payload(b"l", payload_id="l", destination="not-yet-declared")
+
+    [retry] = await client.deliver([lost], broker, options, ctx)
+
+    assert retry.payload_id == "l"
+    assert not retry.permanent
+    assert "unroutable" in retry.reason
+    assert broker.messages("payler-dead-letter") == []
+
+
+async def test_random_spool_ids_keep_identical_messages_apart(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    twins = [
+        received(make_payload(b"same", headers={"x-delay": 5}, payload_id="amqp:q:#digest"))
+        for _ in range(2)
+    ]
+    await client.spool(twins, storage, broker, INGEST, ctx)
+    assert await storage.count() == 1  # "content": one entry for byte-identical messages
+
+    random_ids = INGEST.model_copy(update={"spool_id": "random"})
+    await client.spool(twins, storage, broker, random_ids, ctx)
+    assert await storage.count() == 3

@@ -8,6 +8,7 @@ waits for anything.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -21,9 +22,11 @@ from payler.clock import FakeClock
 from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import Claim, SpoolStorage
 from payler.drivers.storages.memory import MemoryStorage
+from payler.drivers.storages.redis import RedisStorage
 from payler.payload import MessageProperties, Payload
 
 T0 = 1_700_000_000_000
+REDIS_URL = os.environ.get("PAYLER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LEASE = 10_000
 
 
@@ -443,3 +446,17 @@ class TestMongoStorage(StorageContract):
     async def storage(self, clock: FakeClock, mongodb_url: str) -> AsyncIterator[SpoolStorage]:
         async with storage_from_url(mongodb_url, clock=clock) as s:
             yield s
+
+
+@pytest.mark.redis
+class TestRedisStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
+        url = f"{REDIS_URL}?prefix=test:{uuid.uuid4().hex}:"
+        async with RedisStorage(url, clock=clock) as s:
+            try:
+                yield s
+            finally:  # this test's keys only: other spools may share the server
+                keys = [key async for key in s.client.scan_iter(match=s.keys.match_all)]
+                if keys:
+                    await s.client.delete(*keys)

@@ -40,7 +40,7 @@ from payler import codec
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import Broker, dead_letter_headers
 from payler.errors import StartupError, TransientError
-from payler.identity import amqp_spool_id
+from payler.identity import spool_id
 from payler.payload import MessageProperties, Payload
 from payler.scheduling import without_scheduling_headers
 from payler.urls import mask_url
@@ -156,8 +156,8 @@ class RabbitMQBroker(Broker):
 
     def _decode(self, message: AbstractIncomingMessage, received_ms: int) -> Payload:
         queue = self.queue or ""
-        return Payload(
-            id=amqp_spool_id(queue, message.message_id),
+        payload = Payload(
+            id="",
             body=message.body,
             headers=dict(message.headers or {}),
             properties=MessageProperties(
@@ -178,6 +178,8 @@ class RabbitMQBroker(Broker):
             due_ms=received_ms,
             created_ms=received_ms,
         )
+        payload.id = spool_id("amqp", queue, message.message_id, payload.body, payload.meta_json())
+        return payload
 
     # -- as a destination ----------------------------------------------------------------------
 

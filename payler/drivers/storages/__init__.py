@@ -1,10 +1,11 @@
 """Spool storages, chosen by URL scheme; each backend is imported only when used.
 
-=================  ======================================================
+==================  ======================================================
 ``sqlite:///PATH``  the embedded default: a file, no server (``sqlite:////abs/path``)
 ``mongodb://...``   MongoDB (``mongodb+srv://`` too), through pymongo's asyncio API
+``redis://...``     Redis (``rediss://`` too; ``?prefix=`` names the keys), redis.asyncio
 ``memory://NAME``   in this process only: for tests
-=================  ======================================================
+==================  ======================================================
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "sqlite": ("payler.drivers.storages.sqlite", "SQLiteStorage"),
     "mongodb": ("payler.drivers.storages.mongodb", "MongoStorage"),
     "mongodb+srv": ("payler.drivers.storages.mongodb", "MongoStorage"),
+    "redis": ("payler.drivers.storages.redis", "RedisStorage"),
+    "rediss": ("payler.drivers.storages.redis", "RedisStorage"),
     "memory": ("payler.drivers.storages.memory", "MemoryStorage"),
 }
 

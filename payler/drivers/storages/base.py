@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import random
 from abc import abstractmethod
@@ -225,7 +226,18 @@ class SpoolStorage(BaseDriver):
     async def _hand_over(
         self, handler: Handler, claims: Sequence[Claim], settings: WatchSettings
     ) -> None:
-        rejections = {r.payload_id: r for r in await handler([c.payload for c in claims])}
+        try:
+            handed = await handler([c.payload for c in claims])
+        except Exception as exc:
+            # The destination failed as a whole (a lost connection): the outcome of each publish
+            # is unknown. Give the entries back now, with backoff, instead of leaving them leased
+            # until the lease expires; then let the error restart the workflow.
+            reason = f"delivery failed: {type(exc).__name__}: {exc}"
+            failed = {c.payload.id: Rejection(c.payload.id, reason) for c in claims}
+            with contextlib.suppress(Exception):  # the storage may be down too: leases expire
+                await asyncio.shield(self._settle([], claims, failed, settings))
+            raise
+        rejections = {r.payload_id: r for r in handed}
         done = [c for c in claims if c.payload.id not in rejections]
         # Settling runs shielded: once the destination has the payloads, a cancellation must not
         # stop us between the publish and the delete (that would only cost a duplicate, but

@@ -1,0 +1,451 @@
+"""The Redis spool storage, through redis-py's asyncio client (``redis.asyncio``).
+
+``redis://[[user]:password@]host[:port][/DB][?prefix=PREFIX&...]`` (or ``rediss://`` for TLS).
+Every key of the spool starts with PREFIX, ``payler:`` by default, so several spools can share one
+database; :mod:`payler.drivers.storages.redis_keys` lists the keys. The other query parameters are
+redis-py's (``ssl_cert_reqs``, ``socket_timeout``, ...).
+
+Each entry is a hash (the payload, its due, visibility and attempts, its state and lease token);
+sorted sets index it by visibility time (what claims read) and by due time (what the admin
+listing reads, overall and per destination). Every operation that changes an entry is one Lua
+script, which Redis runs atomically: a claim takes up to ``limit`` visible entries, gives them a
+fresh fencing token and moves their visibility to ``now + lease`` in one step, so two claimants
+never hold the same entry and no WATCH/MULTI retry loop is needed. A store, an ack of a whole
+batch, a retry or a dead-letter is likewise one script call, one round trip.
+
+**Durability is what the server's persistence gives**, no more: a store returns once Redis has
+the write in memory. Run Redis with ``appendonly yes`` and ``appendfsync always`` for a store that
+survives a Redis crash (with ``everysec`` up to a second of stores can be lost, and with no
+persistence at all a restart loses the whole spool). Replication is asynchronous: a failover can
+lose the last writes too. The local test server runs without persistence. One Redis server
+(standalone, or behind Sentinel); not Redis Cluster (the scripts reach keys they compute).
+
+redis-py's own command retries are turned off: a lost connection surfaces at once as a
+:class:`~payler.errors.TransientError` and the runtime restarts the workflow with backoff, the one
+reconnect mechanism payler has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from payler.clock import Clock
+from payler.drivers.storages.base import (
+    Claim,
+    EntryState,
+    Page,
+    SpoolStorage,
+    decode_cursor,
+    encode_cursor,
+    new_token,
+)
+from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
+from payler.errors import StartupError, TransientError
+from payler.metrics import Metrics
+from payler.payload import Payload
+from payler.urls import mask_url
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The hash fields that make up a payload, in the order the scripts return them.
+_RECORD = ("id", "body", "meta", "destination", "due_ms", "created_ms", "attempts", "last_error")
+#: Payloads and body bytes per store script call: they bound the size of one command (Redis
+#: refuses arguments past 512 MB) and how long the server pauses to run it.
+_STORE_CHUNK = 1000
+_STORE_CHUNK_BYTES = 16 * 1024 * 1024
+
+# -- the Lua scripts ----------------------------------------------------------------------------
+# Every script but the listing gets KEYS = (visible, due:pending, due:dead) and, as its first
+# ARGV, the key prefixes of entries and of the per-destination indexes; its own arguments follow.
+
+_SPOOL = f"""
+local FIELDS = {{{", ".join(f"'{field}'" for field in _RECORD)}}}
+local VISIBLE, PENDING, DEAD = KEYS[1], KEYS[2], KEYS[3]
+local ENTRY, PENDING_TO, DEAD_TO = ARGV[1], ARGV[2], ARGV[3]
+-- The destination of an entry that is pending and leased under `token`; nil otherwise.
+local function held(entry, token)
+  local got = redis.call('HMGET', entry, 'token', 'state', 'destination')
+  if got[1] == token and got[2] == 'pending' then return got[3] end
+  return nil
+end
+local function pend(id, destination, due, visible)
+  redis.call('ZADD', VISIBLE, visible, id)
+  redis.call('ZADD', PENDING, due, id)
+  redis.call('ZADD', PENDING_TO .. destination, due, id)
+end
+local function unpend(id, destination)
+  redis.call('ZREM', VISIBLE, id)
+  redis.call('ZREM', PENDING, id)
+  redis.call('ZREM', PENDING_TO .. destination, id)
+end
+local function unbury(id, destination)
+  redis.call('ZREM', DEAD, id)
+  redis.call('ZREM', DEAD_TO .. destination, id)
+end
+"""
+
+# ARGV[4..]: per payload, id, body, meta, destination, due_ms, created_ms, attempts,
+# has_error ('0'/'1'), last_error. An id already stored (pending or dead) is left as it is.
+_STORE = """
+local new = 0
+for i = 4, #ARGV, 9 do
+  local id, destination, due = ARGV[i], ARGV[i + 3], ARGV[i + 4]
+  local entry = ENTRY .. id
+  if redis.call('EXISTS', entry) == 0 then
+    redis.call('HSET', entry, 'id', id, 'body', ARGV[i + 1], 'meta', ARGV[i + 2],
+      'destination', destination, 'due_ms', due, 'visible_ms', due,
+      'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', 'pending')
+    if ARGV[i + 7] == '1' then redis.call('HSET', entry, 'last_error', ARGV[i + 8]) end
+    pend(id, destination, due, due)
+    new = new + 1
+  end
+end
+return new
+"""
+
+# ARGV[4..7]: now, limit, lease end, token. Earliest visible first, ties by id.
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', VISIBLE, '-inf', ARGV[4], 'LIMIT', 0, ARGV[5])
+local records = {}
+for i, id in ipairs(ids) do
+  local entry = ENTRY .. id
+  redis.call('ZADD', VISIBLE, ARGV[6], id)
+  redis.call('HSET', entry, 'token', ARGV[7], 'visible_ms', ARGV[6])
+  records[i] = redis.call('HMGET', entry, unpack(FIELDS))
+end
+return records
+"""
+
+# ARGV[4..]: id, token pairs.
+_ACK = """
+local deleted = 0
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local destination = held(ENTRY .. id, ARGV[i + 1])
+  if destination then
+    redis.call('DEL', ENTRY .. id)
+    unpend(id, destination)
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
+
+# ARGV[4..7]: id, token, due_ms, reason.
+_RETRY = """
+local id, due = ARGV[4], ARGV[6]
+local entry = ENTRY .. id
+local destination = held(entry, ARGV[5])
+if not destination then return 0 end
+redis.call('HSET', entry, 'due_ms', due, 'visible_ms', due, 'last_error', ARGV[7])
+redis.call('HINCRBY', entry, 'attempts', 1)
+redis.call('HDEL', entry, 'token')
+pend(id, destination, due, due)
+return 1
+"""
+
+# ARGV[4..6]: id, token, reason.
+_DEAD_LETTER = """
+local id = ARGV[4]
+local entry = ENTRY .. id
+local destination = held(entry, ARGV[5])
+if not destination then return 0 end
+redis.call('HSET', entry, 'state', 'dead', 'last_error', ARGV[6])
+redis.call('HDEL', entry, 'token')
+unpend(id, destination)
+local due = redis.call('HGET', entry, 'due_ms')
+redis.call('ZADD', DEAD, due, id)
+redis.call('ZADD', DEAD_TO .. destination, due, id)
+return 1
+"""
+
+# ARGV[4..5]: id, due_ms.
+_RESCHEDULE = """
+local id, due = ARGV[4], ARGV[5]
+local entry = ENTRY .. id
+local destination = redis.call('HGET', entry, 'destination')
+if not destination then return 0 end
+redis.call('HSET', entry, 'state', 'pending', 'due_ms', due, 'visible_ms', due)
+redis.call('HDEL', entry, 'token')
+unbury(id, destination)
+pend(id, destination, due, due)
+return 1
+"""
+
+# ARGV[4]: id.
+_CANCEL = """
+local id = ARGV[4]
+local destination = redis.call('HGET', ENTRY .. id, 'destination')
+if not destination then return 0 end
+redis.call('DEL', ENTRY .. id)
+unpend(id, destination)
+unbury(id, destination)
+return 1
+"""
+
+# KEYS[1]: an index by due ms. ARGV: the entry key prefix, the page size, the ZCOUNT bound below
+# the due range ('-inf' or '(<ms>'), the end of the due range ('' for none), and the cursor's
+# due ms and id ('' for none). Returns up to size + 1 records (one more tells a next page).
+_LIST = f"""
+local FIELDS = {{{", ".join(f"'{field}'" for field in _RECORD)}}}
+local index, size = KEYS[1], tonumber(ARGV[2])
+-- Byte-wise `a > b`, the order of members with equal scores (Lua's own `>` follows the locale).
+local function later(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+local start = redis.call('ZCOUNT', index, '-inf', ARGV[3])
+if ARGV[5] ~= '' then
+  -- The cursor's due time holds a run of ids in byte order: binary-search the first one after.
+  local low = redis.call('ZCOUNT', index, '-inf', '(' .. ARGV[5])
+  local high = low + redis.call('ZCOUNT', index, ARGV[5], ARGV[5])
+  while low < high do
+    local mid = math.floor((low + high) / 2)
+    if later(redis.call('ZRANGE', index, mid, mid)[1], ARGV[6]) then
+      high = mid
+    else
+      low = mid + 1
+    end
+  end
+  start = math.max(start, low)
+end
+local hits = redis.call('ZRANGE', index, start, start + size, 'WITHSCORES')
+local records = {{}}
+for i = 1, #hits, 2 do
+  if ARGV[4] ~= '' and tonumber(hits[i + 1]) > tonumber(ARGV[4]) then break end
+  records[#records + 1] = redis.call('HMGET', ARGV[1] .. hits[i], unpack(FIELDS))
+end
+return records
+"""
+
+
+def _transient(
+    hook: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn a lost connection into a :class:`TransientError`: the runtime retries with backoff."""
+
+    @functools.wraps(hook)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await hook(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise TransientError(f"Redis spool: {exc}") from exc
+
+    return wrapper
+
+
+def split_prefix(url: str) -> tuple[str, str]:
+    """``url`` without its ``prefix`` query parameter (redis-py would reject it), and the prefix."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefixes = [value for name, value in query if name == "prefix"]
+    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefixes[-1] if prefixes else DEFAULT_PREFIX
+
+
+class RedisStorage(SpoolStorage):
+    """The spool in Redis; see :class:`~payler.drivers.storages.base.SpoolStorage`.
+
+    ``connect_timeout_s`` bounds how long :meth:`connect` waits for the server's answer.
+    """
+
+    schemes = ("redis", "rediss")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(url, clock=clock, metrics=metrics)
+        self.connect_timeout_s = connect_timeout_s
+        self._redis_url, prefix = split_prefix(url)
+        self.keys = KeySpace(prefix)
+        self._client: Redis | None = None
+        self._indexes = [self.keys.visible, self.keys.by_due("pending"), self.keys.by_due("dead")]
+        self._key_prefixes = [
+            self.keys.entry_prefix,
+            self.keys.destination_prefix("pending"),
+            self.keys.destination_prefix("dead"),
+        ]
+
+    async def connect(self) -> None:
+        """Create the client and PING the server.
+
+        Raises :class:`~payler.errors.StartupError` naming the (password-masked) URL.
+        """
+        try:
+            self._client = client = Redis.from_url(
+                self._redis_url,
+                decode_responses=False,
+                socket_connect_timeout=self.connect_timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+            async with asyncio.timeout(self.connect_timeout_s):
+                await client.ping()
+        except (RedisError, OSError, ValueError) as exc:  # TimeoutError is an OSError
+            await self.close()
+            what = str(exc) or type(exc).__name__
+            raise StartupError(
+                f"cannot use the Redis spool storage {mask_url(self.url)!r}: {what}"
+            ) from exc
+        script = client.register_script
+        self._store_script, self._claim_script = script(_SPOOL + _STORE), script(_SPOOL + _CLAIM)
+        self._ack_script, self._retry_script = script(_SPOOL + _ACK), script(_SPOOL + _RETRY)
+        self._dead_script = script(_SPOOL + _DEAD_LETTER)
+        self._reschedule_script = script(_SPOOL + _RESCHEDULE)
+        self._cancel_script, self._list_script = script(_SPOOL + _CANCEL), script(_LIST)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):  # the connection may be lost already
+                await client.aclose()
+
+    @property
+    def client(self) -> Redis:
+        """The redis-py client (bytes in, bytes out)."""
+        if self._client is None:
+            raise RuntimeError("the Redis storage is not connected (use it as `async with`)")
+        return self._client
+
+    async def _run(self, script: AsyncScript, *args: str | int | bytes) -> Any:
+        """Run one of the spool scripts (not the listing) with its keys and key prefixes."""
+        return await script(keys=self._indexes, args=[*self._key_prefixes, *args])
+
+    # -- the hooks -------------------------------------------------------------------------------
+
+    @_transient
+    async def _store(self, batch: Sequence[Payload]) -> int:
+        new = 0
+        for chunk in _chunks(batch):
+            args: list[str | int | bytes] = []
+            for p in chunk:
+                error = (0, "") if p.last_error is None else (1, p.last_error)
+                args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
+                args += [p.attempts, *error]
+            new += int(await self._run(self._store_script, *args))
+        return new
+
+    @_transient
+    async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
+        token = new_token()
+        records = await self._run(self._claim_script, now_ms, limit, now_ms + lease_ms, token)
+        payloads = sorted(map(_payload, records), key=lambda p: (p.due_ms, p.id))
+        return [Claim(p, token) for p in payloads]
+
+    @_transient
+    async def _ack(self, claims: Sequence[Claim]) -> int:
+        pairs = [part for c in claims for part in (c.payload.id, c.token)]
+        return int(await self._run(self._ack_script, *pairs))
+
+    @_transient
+    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+        args = (claim.payload.id, claim.token, due_ms, reason)
+        return bool(await self._run(self._retry_script, *args))
+
+    @_transient
+    async def _dead_letter(self, claim: Claim, reason: str) -> bool:
+        args = (claim.payload.id, claim.token, reason)
+        return bool(await self._run(self._dead_script, *args))
+
+    @_transient
+    async def _next_visible_ms(self) -> int | None:
+        first = await self.client.zrange(self.keys.visible, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+    @_transient
+    async def _get(self, payload_id: str) -> Payload | None:
+        record = await self.client.hmget(self.keys.entry(payload_id), list(_RECORD))
+        return None if record[0] is None else _payload(record)
+
+    @_transient
+    async def _list(
+        self,
+        destination: str | None,
+        due_from_ms: int | None,
+        due_to_ms: int | None,
+        state: EntryState,
+        limit: int,
+        cursor: str | None,
+    ) -> Page:
+        after_due, after_id = decode_cursor(cursor) if cursor else ("", "")
+        records = await self._list_script(
+            keys=[self._index(destination, state)],
+            args=[
+                self.keys.entry_prefix,
+                limit,
+                "-inf" if due_from_ms is None else f"({due_from_ms}",
+                "" if due_to_ms is None else due_to_ms,
+                after_due,
+                after_id,
+            ],
+        )
+        items = [_payload(record) for record in records[:limit]]
+        more = len(records) > limit
+        return Page(items, encode_cursor(items[-1].due_ms, items[-1].id) if more else None)
+
+    @_transient
+    async def _count(self, destination: str | None, state: EntryState) -> int:
+        """O(1): every (state, destination) pair has an index of its own."""
+        return int(await self.client.zcard(self._index(destination, state)))
+
+    @_transient
+    async def _cancel(self, payload_id: str) -> bool:
+        return bool(await self._run(self._cancel_script, payload_id))
+
+    @_transient
+    async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
+        return bool(await self._run(self._reschedule_script, payload_id, due_ms))
+
+    def _index(self, destination: str | None, state: EntryState) -> str:
+        if destination is None:
+            return self.keys.by_due(state)
+        return self.keys.by_destination(state, destination)
+
+
+def _chunks(batch: Sequence[Payload]) -> Iterator[Sequence[Payload]]:
+    """``batch`` in runs of at most ``_STORE_CHUNK`` payloads and about ``_STORE_CHUNK_BYTES``."""
+    start, size = 0, 0
+    for end, payload in enumerate(batch):
+        if end > start and (end - start == _STORE_CHUNK or size > _STORE_CHUNK_BYTES):
+            yield batch[start:end]
+            start, size = end, 0
+        size += len(payload.body)
+    yield batch[start:]
+
+
+def _payload(record: Sequence[Any]) -> Payload:
+    payload_id, body, meta, destination, due_ms, created_ms, attempts, last_error = record
+    return Payload.from_stored(
+        id=payload_id.decode(),
+        body=body,
+        meta_json=meta,
+        destination=destination.decode(),
+        due_ms=int(due_ms),
+        created_ms=int(created_ms),
+        attempts=int(attempts),
+        last_error=None if last_error is None else last_error.decode(),
+    )
+
+
+__all__ = ["RedisStorage", "split_prefix"]

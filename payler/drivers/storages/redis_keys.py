@@ -1,0 +1,70 @@
+"""Every Redis key the Redis spool storage uses, and nothing else (arq keeps them in one place too).
+
+All keys of one spool start with its prefix (``payler:`` unless the URL says ``?prefix=...``), so
+several spools, or the tests, can share one Redis database. A prefix must not be a prefix of
+another spool's, or their keys could meet (``a:`` and ``a:entry:`` would).
+
+==========================================  =============================================
+``<prefix>entry:<id>``                      hash: one entry (the payload and its bookkeeping)
+``<prefix>visible``                         zset: pending entries by *visibility* ms (claims)
+``<prefix>due:pending``                     zset: pending entries (leased or not) by due ms
+``<prefix>due:dead``                        zset: dead entries by due ms
+``<prefix>due:pending:to:<destination>``    zset: one destination's pending entries by due ms
+``<prefix>due:dead:to:<destination>``       zset: one destination's dead entries by due ms
+==========================================  =============================================
+
+Members of every zset are entry ids. Ids and destinations are the *last* part of their keys, so
+no id or destination can make two keys collide.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from payler.drivers.storages.base import EntryState
+
+DEFAULT_PREFIX = "payler:"
+
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """The key names of one spool, built from its prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def entry_prefix(self) -> str:
+        """What an entry's key starts with; the Lua scripts append the id."""
+        return f"{self.prefix}entry:"
+
+    def entry(self, payload_id: str) -> str:
+        """The hash holding one entry."""
+        return f"{self.entry_prefix}{payload_id}"
+
+    @property
+    def visible(self) -> str:
+        """The claim index: pending entries scored by the time they may next be claimed."""
+        return f"{self.prefix}visible"
+
+    def by_due(self, state: EntryState) -> str:
+        """The entries in ``state``, scored by due ms (listing and counting)."""
+        return f"{self.prefix}due:{state}"
+
+    def destination_prefix(self, state: EntryState) -> str:
+        """What a per-destination index starts with; the Lua scripts append the destination."""
+        return f"{self.by_due(state)}:to:"
+
+    def by_destination(self, state: EntryState, destination: str) -> str:
+        """The entries in ``state`` going to ``destination``, scored by due ms."""
+        return f"{self.destination_prefix(state)}{destination}"
+
+    @property
+    def match_all(self) -> str:
+        """A ``SCAN MATCH`` pattern for every key of this spool (to drop a test's spool)."""
+        return _GLOB_SPECIALS.sub(r"\\\1", self.prefix) + "*"
+
+
+__all__ = ["DEFAULT_PREFIX", "KeySpace"]
