@@ -110,7 +110,12 @@ async def spool(
 async def watch_storage(ctx: WorkflowContext) -> None:
     """Deliver due payloads from the spool to the broker (see the module docstring)."""
     options: WatchStorageOptions = ctx.options
-    storage = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
+    storage = storage_from_url(
+        options.storage_url,
+        clock=ctx.clock,
+        metrics=ctx.metrics,
+        dedupe_window_ms=options.dedupe_window_ms,
+    )
     broker = broker_from_url(
         options.broker_url, exchange=options.exchange, clock=ctx.clock, metrics=ctx.metrics
     )

@@ -108,5 +108,8 @@ class WatchStorageOptions(_Options):
     #: Retry an unroutable payload (its destination queue may appear later) instead of
     #: dead-lettering it at once.
     retry_unroutable: bool = False
+    #: How long a delivered payload's id keeps a redelivered copy of its source message from
+    #: being spooled again (after a crash between store and acknowledgement).
+    dedupe_window_ms: int = Field(default=600_000, ge=0)
     retry_base_ms: int = Field(default=1_000, ge=1)
     retry_max_ms: int = Field(default=300_000, ge=1)

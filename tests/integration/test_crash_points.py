@@ -106,8 +106,6 @@ async def crash_then_recover(
     finally:
         assert await payler.stop() == 0, payler.log
     await channel.close()
-    if len(bodies) != wanted[0]:
-        Path('/tmp/crash_dbg.txt').write_text(crashing.log + '\n=====\n' + payler.log + '\n' + str(tmp_path))
     assert len(bodies) == wanted[0], (state, len(bodies))
     return Counter(bodies)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 from payler.clock import Clock
-from payler.drivers.storages.base import SpoolStorage
+from payler.drivers.storages.base import DEFAULT_DEDUPE_WINDOW_MS, SpoolStorage
 from payler.errors import ConfigError
 from payler.metrics import Metrics
 from payler.urls import mask_url
@@ -32,7 +32,11 @@ STORAGE_SCHEMES = tuple(_BACKENDS)
 
 
 def storage_from_url(
-    url: str, *, clock: Clock | None = None, metrics: Metrics | None = None
+    url: str,
+    *,
+    clock: Clock | None = None,
+    metrics: Metrics | None = None,
+    dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
 ) -> SpoolStorage:
     """The storage driver for ``url`` (not yet connected: use it as ``async with``)."""
     scheme = url.partition("://")[0].lower() if "://" in url else ""
@@ -41,4 +45,4 @@ def storage_from_url(
         raise ConfigError(f"storage URL {mask_url(url)!r}: unknown scheme; expected one of {known}")
     module_name, class_name = _BACKENDS[scheme]
     backend: type[SpoolStorage] = getattr(importlib.import_module(module_name), class_name)
-    return backend(url, clock=clock, metrics=metrics)
+    return backend(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)

@@ -6,22 +6,31 @@ A spool entry is a :class:`~payler.payload.Payload` plus its bookkeeping: a *vis
 Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
 
 - ``store(batch)``: durably stores the payloads, idempotently by ``id``: a payload whose id is
-  already stored (pending or dead) is left as it is. Returns how many were new. Returns only once
+  already stored (pending, dead, or a delivered entry's tombstone) is left as it is. Returns how
+  many were new. Returns only once
   the write is durable (that is what lets a source be acknowledged).
 - ``claim_due(now_ms, limit, lease_ms)``: atomically leases up to ``limit`` pending entries whose
   visibility time is ``<= now_ms``, earliest due first. A leased entry is invisible to other
   claimants until ``now_ms + lease_ms``; each claim carries a fresh fencing ``token``. Two
   claimants never hold the same entry at once; a crashed claimant's entries come back when the
-  lease expires.
-- ``ack(claims)``: deletes each entry **only if** its token is still the claim's (a stale holder,
-  whose lease expired and was re-claimed, deletes nothing). Returns how many were deleted.
+  lease expires. It may return fewer than ``limit`` (even none) while due entries remain, when a
+  concurrent claimant took them first.
+- ``ack(claims)``: settles each entry as delivered **only if** its token is still the claim's
+  (a stale holder, whose lease expired and was re-claimed, settles nothing). Returns how many.
+  A delivered entry leaves a *tombstone* (its id, no body) for at least ``dedupe_window_ms``:
+  ``store`` ignores its id meanwhile, so a source message redelivered after a crash between the
+  store and the source's acknowledgement is not spooled (and delivered) again even when its
+  first copy was already delivered. Tombstones are invisible to every other operation and are
+  purged once expired (``claim_due`` purges them now and then).
 - ``retry(claim, due_ms, reason)``: under the same token check, makes the entry pending again at
-  ``due_ms`` with ``attempts + 1`` and ``last_error = reason``.
+  ``due_ms`` (its new due time) with ``attempts + 1`` and ``last_error = reason``.
 - ``dead_letter(claim, reason)``: under the same token check, parks the entry as ``dead`` with the
   reason: kept for inspection, never claimed again.
 - ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
 - Admin: ``get``, ``list`` (filters: destination, due range, state; cursor pagination in due order),
-  ``count``, ``cancel`` (delete), ``reschedule`` (new due time, lease dropped).
+  ``count``, ``cancel`` (delete), ``reschedule`` (new due time, lease dropped: a delivery in
+  progress of that entry can then no longer settle it, and it is delivered again when due).
+  Leased entries count as ``pending``.
 
 Backends implement the ``_``-prefixed hooks; the public methods here validate arguments and keep
 the shared bookkeeping (the local wake-up of watchers when a sooner entry is stored).
@@ -47,6 +56,10 @@ from payler.payload import Payload
 log = logging.getLogger("payler.storage")
 
 EntryState = Literal["pending", "dead"]
+#: How long a delivered entry's id keeps a redelivered copy of its source message out.
+DEFAULT_DEDUPE_WINDOW_MS = 600_000
+#: How often ``claim_due`` purges expired tombstones.
+PURGE_INTERVAL_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +131,18 @@ class SpoolStorage(BaseDriver):
     schemes: tuple[str, ...] = ()
 
     def __init__(
-        self, url: str, *, clock: Clock | None = None, metrics: Metrics | None = None
+        self,
+        url: str,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
     ) -> None:
         self.url = url
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
+        self.dedupe_window_ms = dedupe_window_ms
+        self._next_purge_ms = 0
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -138,11 +158,16 @@ class SpoolStorage(BaseDriver):
         """Lease up to ``limit`` entries visible at ``now_ms``, earliest due first."""
         if limit <= 0 or lease_ms <= 0:
             raise ValueError("limit and lease_ms must be positive")
+        if now_ms >= self._next_purge_ms:
+            self._next_purge_ms = now_ms + PURGE_INTERVAL_MS
+            await self._purge_tombstones(now_ms)
         return await self._claim_due(now_ms, limit, lease_ms)
 
     async def ack(self, claims: Sequence[Claim]) -> int:
-        """Delete the claimed entries whose lease is still held; return how many."""
-        return await self._ack(claims) if claims else 0
+        """Settle the claimed entries whose lease is still held as delivered; return how many."""
+        if not claims:
+            return 0
+        return await self._ack(claims, self.clock.now_ms() + self.dedupe_window_ms)
 
     async def retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
         """Make a claimed entry pending again at ``due_ms``, attempts + 1; False if lease lost."""
@@ -302,7 +327,10 @@ class SpoolStorage(BaseDriver):
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> builtins.list[Claim]: ...
 
     @abstractmethod
-    async def _ack(self, claims: Sequence[Claim]) -> int: ...
+    async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int: ...
+
+    @abstractmethod
+    async def _purge_tombstones(self, now_ms: int) -> None: ...
 
     @abstractmethod
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from payler.drivers.storages.base import (
     Claim,
@@ -27,7 +28,7 @@ class _Entry:
     payload: Payload
     visible_ms: int
     token: str | None = None
-    state: EntryState = "pending"
+    state: EntryState | Literal["delivered"] = "pending"
 
 
 class _Spool:
@@ -85,13 +86,23 @@ class MemoryStorage(SpoolStorage):
             claims.append(Claim(entry.payload, entry.token))
         return claims
 
-    async def _ack(self, claims: Sequence[Claim]) -> int:
-        deleted = 0
+    async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
+        settled = 0
         for claim in claims:
-            if self._held(claim) is not None:
-                del self._entries[claim.payload.id]
-                deleted += 1
-        return deleted
+            entry = self._held(claim)
+            if entry is not None:
+                entry.state, entry.token, entry.visible_ms = "delivered", None, tombstone_until_ms
+                settled += 1
+        return settled
+
+    async def _purge_tombstones(self, now_ms: int) -> None:
+        expired = [
+            key
+            for key, e in self._entries.items()
+            if e.state == "delivered" and e.visible_ms <= now_ms
+        ]
+        for key in expired:
+            del self._entries[key]
 
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
         entry = self._held(claim)
@@ -116,8 +127,13 @@ class MemoryStorage(SpoolStorage):
             (e.visible_ms for e in self._entries.values() if e.state == "pending"), default=None
         )
 
-    async def _get(self, payload_id: str) -> Payload | None:
+    def _visible(self, payload_id: str) -> _Entry | None:
+        """The entry with this id, unless it is only a delivered entry's tombstone."""
         entry = self._entries.get(payload_id)
+        return None if entry is None or entry.state == "delivered" else entry
+
+    async def _get(self, payload_id: str) -> Payload | None:
+        entry = self._visible(payload_id)
         return None if entry is None else entry.payload
 
     async def _list(
@@ -151,10 +167,10 @@ class MemoryStorage(SpoolStorage):
         )
 
     async def _cancel(self, payload_id: str) -> bool:
-        return self._entries.pop(payload_id, None) is not None
+        return self._visible(payload_id) is not None and bool(self._entries.pop(payload_id))
 
     async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
-        entry = self._entries.get(payload_id)
+        entry = self._visible(payload_id)
         if entry is None:
             return False
         entry.payload = entry.payload.model_copy(update={"due_ms": due_ms})

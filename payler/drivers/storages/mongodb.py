@@ -30,6 +30,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
 
 from payler.clock import Clock
 from payler.drivers.storages.base import (
+    DEFAULT_DEDUPE_WINDOW_MS,
     Claim,
     EntryState,
     Page,
@@ -92,9 +93,10 @@ class MongoStorage(SpoolStorage):
         *,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
         server_selection_timeout_ms: int = 5000,
     ) -> None:
-        super().__init__(url, clock=clock, metrics=metrics)
+        super().__init__(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)
         self.server_selection_timeout_ms = server_selection_timeout_ms
         self._client: AsyncMongoClient[Doc] | None = None
         self._spool_collection: AsyncCollection[Doc] | None = None
@@ -171,15 +173,24 @@ class MongoStorage(SpoolStorage):
         return sorted(claims, key=lambda c: (c.payload.due_ms, c.payload.id))
 
     @_transient
-    async def _ack(self, claims: Sequence[Claim]) -> int:
+    async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
         by_token: dict[str, list[str]] = {}
         for claim in claims:
             by_token.setdefault(claim.token, []).append(claim.payload.id)
-        deleted = 0
+        # The document stays, emptied, as the tombstone that keeps a redelivered copy out.
+        tombstone = {"state": "delivered", "visible_ms": tombstone_until_ms, "token": None}
+        settled = 0
         for token, ids in by_token.items():
-            result = await self._spool.delete_many({"_id": {"$in": ids}, "token": token})
-            deleted += result.deleted_count
-        return deleted
+            result = await self._spool.update_many(
+                {"_id": {"$in": ids}, "token": token, "state": "pending"},
+                {"$set": tombstone, "$unset": {"body": "", "meta": ""}},
+            )
+            settled += result.modified_count
+        return settled
+
+    @_transient
+    async def _purge_tombstones(self, now_ms: int) -> None:
+        await self._spool.delete_many({"state": "delivered", "visible_ms": {"$lte": now_ms}})
 
     @_transient
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
@@ -205,7 +216,7 @@ class MongoStorage(SpoolStorage):
 
     @_transient
     async def _get(self, payload_id: str) -> Payload | None:
-        doc = await self._spool.find_one({"_id": payload_id})
+        doc = await self._spool.find_one({"_id": payload_id, "state": {"$ne": "delivered"}})
         return None if doc is None else _from_doc(doc)
 
     @_transient
@@ -241,13 +252,13 @@ class MongoStorage(SpoolStorage):
 
     @_transient
     async def _cancel(self, payload_id: str) -> bool:
-        result = await self._spool.delete_one({"_id": payload_id})
+        result = await self._spool.delete_one({"_id": payload_id, "state": {"$ne": "delivered"}})
         return result.deleted_count == 1
 
     @_transient
     async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
         result = await self._spool.update_one(
-            {"_id": payload_id},
+            {"_id": payload_id, "state": {"$ne": "delivered"}},
             {"$set": {"due_ms": due_ms, "visible_ms": due_ms, "token": None, "state": "pending"}},
         )
         return result.matched_count == 1

@@ -161,10 +161,17 @@ class SQLiteStorage(SpoolStorage):
         payloads = sorted((_payload(row) for row in rows), key=lambda p: (p.due_ms, p.id))
         return [Claim(p, token) for p in payloads]
 
-    async def _ack(self, claims: Sequence[Claim]) -> int:
+    async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
+        # The row stays, emptied, as the tombstone that keeps a redelivered copy out.
         return await self._changes(
-            "DELETE FROM spool WHERE id = ? AND token = ? AND state = 'pending'",
-            [(c.payload.id, c.token) for c in claims],
+            "UPDATE spool SET state = 'delivered', visible_ms = ?, token = NULL, body = x'',"
+            " meta = '{}' WHERE id = ? AND token = ? AND state = 'pending'",
+            [(tombstone_until_ms, c.payload.id, c.token) for c in claims],
+        )
+
+    async def _purge_tombstones(self, now_ms: int) -> None:
+        await self._changes(
+            "DELETE FROM spool WHERE state = 'delivered' AND visible_ms <= ?", [(now_ms,)]
         )
 
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
@@ -192,7 +199,10 @@ class SQLiteStorage(SpoolStorage):
         return None if value is None else int(value)
 
     async def _get(self, payload_id: str) -> Payload | None:
-        rows = await self._one(f"SELECT {_PAYLOAD_COLUMNS} FROM spool WHERE id = ?", (payload_id,))
+        rows = await self._one(
+            f"SELECT {_PAYLOAD_COLUMNS} FROM spool WHERE id = ? AND state != 'delivered'",
+            (payload_id,),
+        )
         return _payload(rows[0]) if rows else None
 
     async def _list(
@@ -239,13 +249,17 @@ class SQLiteStorage(SpoolStorage):
         return int(rows[0][0])
 
     async def _cancel(self, payload_id: str) -> bool:
-        return bool(await self._changes("DELETE FROM spool WHERE id = ?", [(payload_id,)]))
+        return bool(
+            await self._changes(
+                "DELETE FROM spool WHERE id = ? AND state != 'delivered'", [(payload_id,)]
+            )
+        )
 
     async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
         return bool(
             await self._changes(
                 "UPDATE spool SET due_ms = ?, visible_ms = ?, token = NULL, state = 'pending'"
-                " WHERE id = ?",
+                " WHERE id = ? AND state != 'delivered'",
                 [(due_ms, due_ms, payload_id)],
             )
         )
