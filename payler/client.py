@@ -154,9 +154,22 @@ async def deliver(
     unroutable publish when ``retry_unroutable`` is set); one that reaches ``max_attempts`` is
     dead-lettered with its last error.
     """
-    exhausted = [p for p in batch if p.attempts >= options.max_attempts]
-    give_up = [(p, f"gave up after {p.attempts} attempts: {p.last_error}") for p in exhausted]
-    sending = [p for p in batch if p.attempts < options.max_attempts]
+    now_ms = ctx.clock.now_ms()
+    give_up: list[tuple[Payload, str]] = []
+    sending = []
+    for payload in batch:
+        late_ms = now_ms - payload.due_ms
+        if payload.attempts >= options.max_attempts:
+            give_up.append(
+                (payload, f"gave up after {payload.attempts} attempts: {payload.last_error}")
+            )
+        elif options.max_lateness_ms is not None and late_ms > options.max_lateness_ms:
+            reason = (
+                f"missed its due time by {late_ms} ms (max_lateness_ms {options.max_lateness_ms})"
+            )
+            give_up.append((payload, reason))
+        else:
+            sending.append(payload)
     rejections = await broker.process(sending)
     fault_point("after-publish")
     by_id = {p.id: p for p in sending}

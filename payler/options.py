@@ -108,6 +108,9 @@ class WatchStorageOptions(_Options):
     #: Retry an unroutable payload (its destination queue may appear later) instead of
     #: dead-lettering it at once.
     retry_unroutable: bool = False
+    #: Misfires: a payload found more than this late (payler was down, say) is dead-lettered
+    #: instead of delivered. None (the default): deliver it however late.
+    max_lateness_ms: int | None = Field(default=None, ge=0)
     #: How long a delivered payload's id keeps a redelivered copy of its source message from
     #: being spooled again (after a crash between store and acknowledgement).
     dedupe_window_ms: int = Field(default=600_000, ge=0)

@@ -325,3 +325,24 @@ async def test_random_spool_ids_keep_identical_messages_apart(
     random_ids = INGEST.model_copy(update={"spool_id": "random"})
     await client.spool(twins, storage, broker, random_ids, ctx)
     assert await storage.count() == 3
+
+
+async def test_misfires_are_delivered_unless_later_than_max_lateness(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("watch", clock=clock)
+    late = make_payload(
+        b"late", payload_id="late", destination="payler-out", due_ms=START_MS - 90_000
+    )
+    recent = make_payload(b"ok", payload_id="ok", destination="payler-out", due_ms=START_MS - 10)
+    default = WatchStorageOptions(storage_url="memory://test", broker_url="memory://test")
+    strict = default.model_copy(update={"max_lateness_ms": 60_000})
+
+    assert await client.deliver([late], broker, default, ctx) == []
+    assert [p.body for p in broker.messages("payler-out")] == [b"late"]  # the default: deliver
+
+    assert await client.deliver([late, recent], broker, strict, ctx) == []
+    assert [p.body for p in broker.messages("payler-out")] == [b"late", b"ok"]
+    [dead] = broker.messages("payler-dead-letter")
+    assert dead.body == b"late"
+    assert "missed its due time by 90000 ms" in dead.headers[DEAD_LETTER_REASON]

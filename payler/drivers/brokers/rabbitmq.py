@@ -178,7 +178,9 @@ class RabbitMQBroker(Broker):
             due_ms=received_ms,
             created_ms=received_ms,
         )
-        payload.id = spool_id("amqp", queue, message.message_id, payload.body, payload.meta_json())
+        # The digest (and so the metadata's JSON) is needed only without a message id.
+        meta = "" if message.message_id else payload.meta_json()
+        payload.id = spool_id("amqp", queue, message.message_id, payload.body, meta)
         return payload
 
     # -- as a destination ----------------------------------------------------------------------
