@@ -93,6 +93,28 @@ class StorageContract:
     async def test_store_of_nothing(self, storage: SpoolStorage) -> None:
         assert await storage.store([]) == 0
 
+    async def test_a_delivered_id_keeps_its_copies_out_for_the_dedupe_window(
+        self, storage: SpoolStorage
+    ) -> None:
+        # A source message redelivered after its first copy was already delivered (a crash
+        # between the spool write and the source's acknowledgement) must not spool again.
+        await storage.store([payload("a", T0)])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.ack([claim]) == 1
+        assert await storage.store([payload("a", T0)]) == 0
+        assert await storage.get("a") is None
+        assert (await storage.count(), await storage.count(state="dead")) == (0, 0)
+        assert (await storage.list()).items == []
+        assert not await storage.cancel("a")
+        assert not await storage.reschedule("a", T0)
+        assert await storage.claim_due(T0 + LEASE, 10, LEASE) == []
+        assert await storage.next_visible_ms() is None
+        # Once the window is over (and tombstones purged), the id is free again.
+        after = storage.clock.now_ms() + storage.dedupe_window_ms + 1
+        assert await storage.claim_due(after, 10, LEASE) == []  # purges expired tombstones
+        assert await storage.store([payload("a", T0)]) == 1
+        assert ids(await storage.claim_due(after, 10, LEASE)) == ["a"]
+
     # -- claim_due ---------------------------------------------------------------------------------
 
     async def test_claim_earliest_due_first_within_limit(self, storage: SpoolStorage) -> None:

@@ -11,7 +11,9 @@ listing reads, overall and per destination). Every operation that changes an ent
 script, which Redis runs atomically: a claim takes up to ``limit`` visible entries, gives them a
 fresh fencing token and moves their visibility to ``now + lease`` in one step, so two claimants
 never hold the same entry and no WATCH/MULTI retry loop is needed. A store, an ack of a whole
-batch, a retry or a dead-letter is likewise one script call, one round trip.
+batch, a retry or a dead-letter is likewise one script call, one round trip. An acked entry's
+hash is deleted; its id stays in a sorted set of tombstones, scored by when the dedupe window
+ends, which ``store`` consults and one ``ZREMRANGEBYSCORE`` purges.
 
 **Durability is what the server's persistence gives**, no more: a store returns once Redis has
 the write in memory. Run Redis with ``appendonly yes`` and ``appendfsync always`` for a store that
@@ -44,6 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from payler.clock import Clock
 from payler.drivers.storages.base import (
+    DEFAULT_DEDUPE_WINDOW_MS,
     Claim,
     EntryState,
     Page,
@@ -69,12 +72,13 @@ _STORE_CHUNK = 1000
 _STORE_CHUNK_BYTES = 16 * 1024 * 1024
 
 # -- the Lua scripts ----------------------------------------------------------------------------
-# Every script but the listing gets KEYS = (visible, due:pending, due:dead) and, as its first
-# ARGV, the key prefixes of entries and of the per-destination indexes; its own arguments follow.
+# Every script but the listing gets KEYS = (visible, due:pending, due:dead, delivered) and, as its
+# first ARGV, the key prefixes of entries and of the per-destination indexes; its own arguments
+# follow.
 
 _SPOOL = f"""
 local FIELDS = {{{", ".join(f"'{field}'" for field in _RECORD)}}}
-local VISIBLE, PENDING, DEAD = KEYS[1], KEYS[2], KEYS[3]
+local VISIBLE, PENDING, DEAD, DELIVERED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ENTRY, PENDING_TO, DEAD_TO = ARGV[1], ARGV[2], ARGV[3]
 -- The destination of an entry that is pending and leased under `token`; nil otherwise.
 local function held(entry, token)
@@ -82,8 +86,9 @@ local function held(entry, token)
   if got[1] == token and got[2] == 'pending' then return got[3] end
   return nil
 end
-local function pend(id, destination, due, visible)
-  redis.call('ZADD', VISIBLE, visible, id)
+-- Index an unleased pending entry: visible at its due time.
+local function pend(id, destination, due)
+  redis.call('ZADD', VISIBLE, due, id)
   redis.call('ZADD', PENDING, due, id)
   redis.call('ZADD', PENDING_TO .. destination, due, id)
 end
@@ -99,18 +104,19 @@ end
 """
 
 # ARGV[4..]: per payload, id, body, meta, destination, due_ms, created_ms, attempts,
-# has_error ('0'/'1'), last_error. An id already stored (pending or dead) is left as it is.
+# has_error ('0'/'1'), last_error. An id already stored (pending, dead, or a delivered entry's
+# tombstone) is left as it is.
 _STORE = """
 local new = 0
 for i = 4, #ARGV, 9 do
   local id, destination, due = ARGV[i], ARGV[i + 3], ARGV[i + 4]
   local entry = ENTRY .. id
-  if redis.call('EXISTS', entry) == 0 then
+  if redis.call('EXISTS', entry) == 0 and not redis.call('ZSCORE', DELIVERED, id) then
     redis.call('HSET', entry, 'id', id, 'body', ARGV[i + 1], 'meta', ARGV[i + 2],
       'destination', destination, 'due_ms', due, 'visible_ms', due,
       'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', 'pending')
     if ARGV[i + 7] == '1' then redis.call('HSET', entry, 'last_error', ARGV[i + 8]) end
-    pend(id, destination, due, due)
+    pend(id, destination, due)
     new = new + 1
   end
 end
@@ -130,19 +136,21 @@ end
 return records
 """
 
-# ARGV[4..]: id, token pairs.
+# ARGV[4]: when the tombstones may go; ARGV[5..]: id, token pairs. A delivered entry is deleted;
+# only its id stays, in the tombstones (keeping a redelivered copy out of `store`).
 _ACK = """
-local deleted = 0
-for i = 4, #ARGV, 2 do
+local settled = 0
+for i = 5, #ARGV, 2 do
   local id = ARGV[i]
   local destination = held(ENTRY .. id, ARGV[i + 1])
   if destination then
     redis.call('DEL', ENTRY .. id)
     unpend(id, destination)
-    deleted = deleted + 1
+    redis.call('ZADD', DELIVERED, ARGV[4], id)
+    settled = settled + 1
   end
 end
-return deleted
+return settled
 """
 
 # ARGV[4..7]: id, token, due_ms, reason.
@@ -154,7 +162,7 @@ if not destination then return 0 end
 redis.call('HSET', entry, 'due_ms', due, 'visible_ms', due, 'last_error', ARGV[7])
 redis.call('HINCRBY', entry, 'attempts', 1)
 redis.call('HDEL', entry, 'token')
-pend(id, destination, due, due)
+pend(id, destination, due)
 return 1
 """
 
@@ -182,7 +190,7 @@ if not destination then return 0 end
 redis.call('HSET', entry, 'state', 'pending', 'due_ms', due, 'visible_ms', due)
 redis.call('HDEL', entry, 'token')
 unbury(id, destination)
-pend(id, destination, due, due)
+pend(id, destination, due)
 return 1
 """
 
@@ -274,18 +282,19 @@ class RedisStorage(SpoolStorage):
         *,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
         connect_timeout_s: float = 5.0,
     ) -> None:
-        super().__init__(url, clock=clock, metrics=metrics)
+        super().__init__(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)
         self.connect_timeout_s = connect_timeout_s
         self._redis_url, prefix = split_prefix(url)
-        self.keys = KeySpace(prefix)
+        self.keys = keys = KeySpace(prefix)
         self._client: Redis | None = None
-        self._indexes = [self.keys.visible, self.keys.by_due("pending"), self.keys.by_due("dead")]
+        self._indexes = [keys.visible, keys.by_due("pending"), keys.by_due("dead"), keys.delivered]
         self._key_prefixes = [
-            self.keys.entry_prefix,
-            self.keys.destination_prefix("pending"),
-            self.keys.destination_prefix("dead"),
+            keys.entry_prefix,
+            keys.destination_prefix("pending"),
+            keys.destination_prefix("dead"),
         ]
 
     async def connect(self) -> None:
@@ -354,9 +363,13 @@ class RedisStorage(SpoolStorage):
         return [Claim(p, token) for p in payloads]
 
     @_transient
-    async def _ack(self, claims: Sequence[Claim]) -> int:
+    async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
         pairs = [part for c in claims for part in (c.payload.id, c.token)]
-        return int(await self._run(self._ack_script, *pairs))
+        return int(await self._run(self._ack_script, tombstone_until_ms, *pairs))
+
+    @_transient
+    async def _purge_tombstones(self, now_ms: int) -> None:
+        await self.client.zremrangebyscore(self.keys.delivered, "-inf", now_ms)
 
     @_transient
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:

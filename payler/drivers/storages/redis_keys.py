@@ -11,6 +11,7 @@ another spool's, or their keys could meet (``a:`` and ``a:entry:`` would).
 ``<prefix>due:dead``                        zset: dead entries by due ms
 ``<prefix>due:pending:to:<destination>``    zset: one destination's pending entries by due ms
 ``<prefix>due:dead:to:<destination>``       zset: one destination's dead entries by due ms
+``<prefix>delivered``                       zset: delivered entries' ids by tombstone expiry ms
 ==========================================  =============================================
 
 Members of every zset are entry ids. Ids and destinations are the *last* part of their keys, so
@@ -48,6 +49,11 @@ class KeySpace:
     def visible(self) -> str:
         """The claim index: pending entries scored by the time they may next be claimed."""
         return f"{self.prefix}visible"
+
+    @property
+    def delivered(self) -> str:
+        """The tombstones: ids of delivered entries, scored by when they may be forgotten."""
+        return f"{self.prefix}delivered"
 
     def by_due(self, state: EntryState) -> str:
         """The entries in ``state``, scored by due ms (listing and counting)."""

@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 import pytest
 from redis.asyncio import Redis
 
+from payler.clock import FakeClock
 from payler.drivers.storages import storage_from_url
+from payler.drivers.storages.base import PURGE_INTERVAL_MS
 from payler.drivers.storages.redis import RedisStorage, split_prefix
 from payler.drivers.storages.redis_keys import KeySpace
 from payler.errors import StartupError, TransientError
@@ -129,6 +131,24 @@ async def test_what_redis_holds(storage: RedisStorage, raw: Redis) -> None:
     assert [key async for key in raw.scan_iter(match=keys.match_all)] == []  # nothing left over
 
 
+async def test_a_delivered_entry_leaves_only_its_id(storage: RedisStorage, raw: Redis) -> None:
+    keys = storage.keys
+    await storage.store([payload("a")])
+    claims = await storage.claim_due(T0, 10, LEASE)
+    storage.clock = FakeClock(T0 + 1)
+    assert await storage.ack(claims) == 1
+    until = T0 + 1 + storage.dedupe_window_ms
+    assert await raw.zrange(keys.delivered, 0, -1, withscores=True) == [(b"a", until)]
+    assert await raw.exists(keys.entry("a")) == 0
+    assert (await storage.get("a"), await storage.count()) == (None, 0)
+    assert await storage.store([payload("a")]) == 0  # a redelivered copy stays out
+    assert await storage.claim_due(until - 1, 10, LEASE) == []  # purges, but it is not expired
+    assert await storage.store([payload("a")]) == 0
+    await storage.claim_due(until - 1 + PURGE_INTERVAL_MS, 10, LEASE)  # the next purge
+    assert await raw.exists(keys.delivered) == 0
+    assert await storage.store([payload("a")]) == 1
+
+
 async def snapshot(raw: Redis, keys: KeySpace, payload_id: str) -> dict[str, Any]:
     """Everything Redis holds about one entry: its hash and its score in every index."""
     indexes = [keys.visible, keys.by_due("pending"), keys.by_due("dead")]
@@ -196,8 +216,12 @@ async def test_an_unreachable_server_fails_fast_with_the_password_masked() -> No
 
 
 async def test_a_server_that_never_answers_is_a_startup_error() -> None:
+    hung_up = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # reads the PING, answers nothing
+        await reader.read()  # reads the PING, answers nothing, until the client hangs up
+        writer.close()
+        hung_up.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -207,6 +231,8 @@ async def test_a_server_that_never_answers_is_a_startup_error() -> None:
         with pytest.raises(StartupError, match=r"redis://:\*\*\*@127\.0\.0\.1"):
             await storage.connect()
         assert time.monotonic() - started < 2
+        async with asyncio.timeout(2):
+            await hung_up.wait()  # a failed connect leaves no connection open
     finally:
         server.close()
 
