@@ -208,3 +208,23 @@ def vhost() -> Iterator[str]:
         yield f"{AMQP_URL.rstrip('/')}/{name}"
     finally:
         rabbitmqctl("delete_vhost", name)
+
+
+# -- Redis: the real server on 127.0.0.1:6379 -----------------------------------------------------
+
+REDIS_URL = os.environ.get("PAYLER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def redis_spool_url() -> AsyncIterator[str]:
+    """A Redis spool URL with a key prefix of this test's own; its keys are deleted after it."""
+    from payler.drivers.storages.redis import RedisStorage  # noqa: PLC0415 - only Redis tests
+
+    url = f"{REDIS_URL}?prefix=test-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield url
+    finally:
+        async with RedisStorage(url) as storage:
+            keys = [key async for key in storage.client.scan_iter(match=storage.keys.match_all)]
+            if keys:
+                await storage.client.delete(*keys)

@@ -8,7 +8,6 @@ waits for anything.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -24,9 +23,9 @@ from payler.drivers.storages.base import Claim, SpoolStorage
 from payler.drivers.storages.memory import MemoryStorage
 from payler.drivers.storages.redis import RedisStorage
 from payler.payload import MessageProperties, Payload
+from tests.conftest import REDIS_URL
 
 T0 = 1_700_000_000_000
-REDIS_URL = os.environ.get("PAYLER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LEASE = 10_000
 
 

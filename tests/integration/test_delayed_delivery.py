@@ -34,11 +34,20 @@ class Setup:
     dead: str
 
 
-@pytest.fixture(params=["sqlite", pytest.param("mongodb", marks=pytest.mark.mongodb)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("mongodb", marks=pytest.mark.mongodb),
+    ]
+)
 def setup(request: pytest.FixtureRequest, tmp_path: Path, rabbit: Rabbit) -> Setup:
     """payler's configuration for this test: its own queues, and one of the storages."""
     if request.param == "sqlite":
         storage_url = f"sqlite:///{tmp_path}/spool.db"
+        env = {"PAYLER_STORAGE_URL": storage_url}
+    elif request.param == "redis":
+        storage_url = request.getfixturevalue("redis_spool_url")
         env = {"PAYLER_STORAGE_URL": storage_url}
     else:
         # The original Payler's variable, as its users set it.

@@ -32,6 +32,7 @@ class Spool:
 @pytest.fixture(
     params=[
         pytest.param(("sqlite", 10_000), id="sqlite"),
+        pytest.param(("redis", 10_000), id="redis", marks=pytest.mark.redis),
         pytest.param(("mongodb", 300), id="mongodb", marks=pytest.mark.mongodb),
     ]
 )
@@ -39,6 +40,8 @@ def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Spool:
     kind, size = request.param
     if kind == "sqlite":
         return Spool(f"sqlite:///{tmp_path}/spool.db", size)
+    if kind == "redis":
+        return Spool(request.getfixturevalue("redis_spool_url"), size)
     return Spool(request.getfixturevalue("mongodb_url"), size)
 
 
