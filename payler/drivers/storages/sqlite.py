@@ -76,16 +76,11 @@ class SQLiteStorage(SpoolStorage):
         deadline = asyncio.get_running_loop().time() + _BUSY_TIMEOUT_MS / 1000
         while True:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # isolation_level=None: we open transactions ourselves, so each one is explicit.
-                self._db = await aiosqlite.connect(path, isolation_level=None)
-                await self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-                await self._db.execute("PRAGMA journal_mode = WAL")
-                await self._db.execute("PRAGMA synchronous = FULL")
-                await self._db.executescript(_SCHEMA)
-                return
+                # Prepared with plain sqlite3 in a thread first: a file that cannot be opened then
+                # fails here, before aiosqlite starts a thread of its own that could outlive us.
+                await asyncio.to_thread(_prepare, path)
+                break
             except (OSError, sqlite3.Error) as exc:
-                await self.close()
                 # Switching a new file to WAL takes an exclusive lock that SQLite's busy handler
                 # does not wait for: two workflows opening one new spool together collide here.
                 locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
@@ -94,6 +89,14 @@ class SQLiteStorage(SpoolStorage):
                         f"cannot open the SQLite spool {str(path)!r}: {exc}"
                     ) from exc
                 await asyncio.sleep(0.01 + random.random() * 0.05)
+        try:
+            # isolation_level=None: we open transactions ourselves, so each one is explicit.
+            self._db = await aiosqlite.connect(path, isolation_level=None)
+            await self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            await self._db.execute("PRAGMA synchronous = FULL")
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise StartupError(f"cannot open the SQLite spool {str(path)!r}: {exc}") from exc
 
     async def close(self) -> None:
         if self._db is not None:
@@ -263,6 +266,18 @@ class SQLiteStorage(SpoolStorage):
                 [(due_ms, due_ms, payload_id)],
             )
         )
+
+
+def _prepare(path: Path) -> None:
+    """Create the folder, the file and the schema, and switch the file to WAL (persistent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.executescript(_SCHEMA)
+    finally:
+        db.close()
 
 
 def _payload(row: sqlite3.Row | tuple[Any, ...]) -> Payload:
