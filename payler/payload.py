@@ -51,16 +51,19 @@ class Payload(BaseModel):
     created_ms: int
     attempts: int = 0
     last_error: str | None = None
+    #: The message key where the broker has one (Kafka's record key, kept for per-key ordering).
+    key: bytes | None = None
 
     def meta_json(self) -> str:
-        """Headers, properties and source as one lossless JSON text (for storages)."""
-        return codec.dumps(
-            {
-                "headers": self.headers,
-                "properties": self.properties.model_dump(exclude_none=True),
-                "source": self.source,
-            }
-        )
+        """Headers, properties, source and key as one lossless JSON text (for storages)."""
+        meta: dict[str, object] = {
+            "headers": self.headers,
+            "properties": self.properties.model_dump(exclude_none=True),
+            "source": self.source,
+        }
+        if self.key is not None:
+            meta["key"] = self.key
+        return codec.dumps(meta)
 
     @classmethod
     def from_stored(
@@ -83,6 +86,7 @@ class Payload(BaseModel):
             headers=meta.get("headers", {}),
             properties=MessageProperties(**meta.get("properties", {})),
             source=meta.get("source", ""),
+            key=meta.get("key"),
             destination=destination,
             due_ms=due_ms,
             created_ms=created_ms,
