@@ -1,4 +1,4 @@
-"""The built-in workflows, under the original Payler's names.
+"""The built-in workflows, under the original Payler's names (and ``forward``).
 
 - ``client.process_queue``: broker → spool. Consume ``queue``; schedule each message from its
   headers; store the batch durably; dead-letter the invalid ones with the reason; *then* ack.
@@ -6,6 +6,12 @@
   mandatory) to their destination without the scheduling headers; delete each entry only after
   its publish was confirmed. Unroutable ones are dead-lettered with the reason; transient
   failures are retried with backoff, then dead-lettered after ``max_attempts``.
+- ``client.forward``: broker → broker, no spool. Consume a source; publish each message
+  (confirmed) to its destination on another broker or the same; acknowledge the source after.
+
+Source and destination brokers are chosen by URL, so the spool workflows also move messages
+between brokers: ``process_queue`` on a Kafka topic with ``watch_storage`` on RabbitMQ is a
+delayed Kafka → RabbitMQ bridge.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from payler.drivers.storages.base import SpoolStorage, WatchSettings
 from payler.errors import InvalidSchedule
 from payler.faults import fault_point
 from payler.identity import random_spool_id
-from payler.options import ProcessQueueOptions, WatchStorageOptions
+from payler.options import ForwardOptions, ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
 from payler.scheduling import SchedulingRules, schedule
+from payler.scheduling import destination as route
 from payler.urls import mask_url
 from payler.workflow import WorkflowContext
 
@@ -190,3 +197,65 @@ async def deliver(
     ctx.metrics.incr("delivered", len(sending) - len(rejections))
     ctx.metrics.incr("retried", len(retry))
     return retry
+
+
+async def forward(ctx: WorkflowContext) -> None:
+    """Take messages from one broker to another, without delay (see the module docstring)."""
+    options: ForwardOptions = ctx.options
+    source = broker_from_url(
+        options.source_url,
+        queue=options.queue,
+        prefetch=options.prefetch,
+        batch_size=options.batch_size,
+        clock=ctx.clock,
+        metrics=ctx.metrics,
+    )
+    destination = broker_from_url(options.destination_url, clock=ctx.clock, metrics=ctx.metrics)
+    rules = SchedulingRules(default_destination=options.default_destination)
+    async with source, destination:
+        await source.ensure_queue(options.queue)
+        await destination.ensure_queue(options.default_destination)
+        await destination.ensure_queue(options.dead_letter_queue)
+        ctx.ready()
+        ctx.log.info(
+            "forwarding %r at %s to %s (default destination %r; dead letters: %r)",
+            options.queue,
+            mask_url(options.source_url),
+            mask_url(options.destination_url),
+            options.default_destination,
+            options.dead_letter_queue,
+        )
+        await source.serve(
+            lambda batch: relay(batch, destination, rules, options.dead_letter_queue, ctx),
+            ctx.stop,
+        )
+
+
+forward.options_model = ForwardOptions  # type: ignore[attr-defined]
+
+
+async def relay(
+    batch: Sequence[Payload],
+    destination: Broker,
+    rules: SchedulingRules,
+    dead_letter_queue: str,
+    ctx: WorkflowContext,
+) -> list[Rejection]:
+    """Publish one batch to ``destination``; dead-letter what it refuses for good there."""
+    routed, give_up = [], []
+    for payload in batch:
+        try:
+            target = route(payload.headers, rules)
+        except InvalidSchedule as exc:
+            give_up.append((payload, exc.reason))
+            continue
+        routed.append(payload.model_copy(update={"destination": target}))
+    rejections = await destination.process(routed)
+    by_id = {p.id: p for p in routed}
+    give_up += [(by_id[r.payload_id], r.reason) for r in rejections if r.permanent]
+    for payload, reason in give_up:
+        ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
+    await destination.dead_letter(give_up, dead_letter_queue)
+    ctx.metrics.incr("delivered", len(routed) - len(rejections))
+    # What the destination refused for now goes back to the source, to come again.
+    return [r for r in rejections if not r.permanent]

@@ -116,3 +116,28 @@ class WatchStorageOptions(_Options):
     dedupe_window_ms: int = Field(default=600_000, ge=0)
     retry_base_ms: int = Field(default=1_000, ge=1)
     retry_max_ms: int = Field(default=300_000, ge=1)
+
+
+class ForwardOptions(BaseModel):
+    """``client.forward``: take messages from one broker to another (or the same), no delay.
+
+    ``source_url`` and ``destination_url`` may be any broker payler speaks (``amqp://``,
+    ``kafka://``, ``redis://`` streams). Each message goes to its ``x-destination`` header or
+    ``default_destination``; what the destination refuses for good goes to
+    ``dead_letter_queue`` on the destination broker, with the reason.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    source_url: str = Field(default_factory=default_broker_url)
+    destination_url: str = Field(default_factory=default_broker_url)
+    queue: str = Field(min_length=1)
+    default_destination: str = Field(min_length=1)
+    dead_letter_queue: str = Field(default="payler-dead-letter", min_length=1)
+    prefetch: int = Field(default=200, ge=1, le=65_535)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("source_url", "destination_url")
+    @classmethod
+    def _known_broker(cls, url: str) -> str:
+        return _known_scheme(url, BROKER_SCHEMES, "broker")

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 
-from payler import client
+from payler import client, config
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import DEAD_LETTER_REASON
 from payler.drivers.storages.base import WatchSettings
 from payler.errors import TransientError
 from payler.options import ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
+from payler.runtime import Runtime
 from payler.testing import FakeClock, MemoryBroker, MemoryStorage, make_payload, reset
 from payler.workflow import WorkflowContext
 
@@ -346,3 +348,41 @@ async def test_misfires_are_delivered_unless_later_than_max_lateness(
     [dead] = broker.messages("payler-dead-letter")
     assert dead.body == b"late"
     assert "missed its due time by 90000 ms" in dead.headers[DEAD_LETTER_REASON]
+
+
+async def test_forward_takes_messages_from_one_broker_to_another(tmp_path: Path) -> None:
+    reset()
+    config_file = tmp_path / "forward.yaml"
+    config_file.write_text(
+        """
+workflows:
+  - callable: client.forward
+    options:
+      source_url: memory://source
+      destination_url: memory://destination
+      queue: in
+      default_destination: out
+"""
+    )
+    loaded = config.load(config_file)
+    async with (
+        MemoryBroker("memory://source") as source,
+        MemoryBroker("memory://destination") as destination,
+    ):
+        await destination.ensure_queue("elsewhere")
+        source.publish("in", make_payload(b"1", headers={"k": "v", "x-delay": 5}))
+        source.publish("in", make_payload(b"2", headers={"x-destination": "elsewhere"}))
+        source.publish("in", make_payload(b"3", headers={"x-destination": "nowhere"}))
+        stop = asyncio.Event()
+        runtime = asyncio.create_task(Runtime(loaded).run(stop))
+        [dead] = await destination.wait_for("payler-dead-letter", 1)
+        [out] = await destination.wait_for("out", 1)
+        [elsewhere] = await destination.wait_for("elsewhere", 1)
+        stop.set()
+        await asyncio.wait_for(runtime, 5)
+    assert (out.body, out.headers) == (b"1", {"k": "v"})  # no delay: forwarded as it came
+    assert elsewhere.body == b"2"
+    assert dead.body == b"3"
+    assert "nowhere" in dead.headers[DEAD_LETTER_REASON]
+    assert source.messages("in") == []
+    reset()
