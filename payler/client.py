@@ -26,7 +26,7 @@ from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import SpoolStorage, WatchSettings
 from payler.errors import InvalidSchedule
 from payler.faults import fault_point
-from payler.identity import random_spool_id
+from payler.identity import is_content_id, random_spool_id
 from payler.options import ForwardOptions, ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
 from payler.scheduling import SchedulingRules, schedule
@@ -100,7 +100,7 @@ async def spool(
             invalid.append((payload, exc.reason))
             continue
         update: dict[str, object] = {"due_ms": when.due_ms, "destination": when.destination}
-        if options.spool_id == "random" and not payload.properties.message_id:
+        if options.spool_id == "random" and is_content_id(payload.id):
             update["id"] = random_spool_id(payload.id.partition(":")[0], payload.source)
         scheduled.append(payload.model_copy(update=update))
     new = await storage.store(scheduled)

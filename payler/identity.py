@@ -6,12 +6,17 @@ after a crash between the store and the acknowledgement) keeps one entry.
 - A message with a message id gets ``<scheme>:<source>:<message_id>``: the same message
   redelivered gets the same id. Two *different* messages sent with one message id to one
   source are taken as one: producers must keep message ids unique.
-- A message without one gets ``<scheme>:<source>:#<digest>``, a SHA-256 of its body, headers
-  and properties: stable across redeliveries too. The price: two byte-identical messages
-  (same body, headers and properties, timestamp included) pending in the spool *at the same
-  time* are delivered once. Where that matters, set message ids, or set the workflow option
-  ``spool_id: random`` (then a crash between store and ack can spool a message twice: at least
-  once, never lost).
+- Kafka records and Redis stream entries are identified by their position (topic, partition
+  and offset; stream and entry id): stable and unique.
+- An AMQP message without a message id has no stable identity that is also unique: two
+  deliveries of identical bytes may be one message redelivered or two messages sent. The
+  ``process_queue`` option ``spool_id`` chooses: ``random`` (the default) gives each delivery
+  a fresh id — a crash between store and ack can then spool a message twice (at least once,
+  never lost); ``content`` uses ``<scheme>:<source>:#<digest>``, a SHA-256 of body, headers and
+  properties — redeliveries are recognised, but identical messages arriving within the dedupe
+  window (tombstones of delivered entries) are merged into one: only for producers whose
+  messages are never identical. (aio-pika and aiormq give every publish a random message id,
+  so their messages always take the first rule.)
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ def spool_id(scheme: str, source: str, message_id: str | None, body: bytes, meta
     digest.update(b"\x00")
     digest.update(meta_json.encode())
     return f"{scheme}:{source}:#{digest.hexdigest()[:40]}"
+
+
+def is_content_id(payload_id: str) -> bool:
+    """Whether ``payload_id`` is a content digest (a message that had no message id)."""
+    return payload_id.rpartition(":")[2].startswith("#")
 
 
 def random_spool_id(scheme: str, source: str) -> str:

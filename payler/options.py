@@ -70,9 +70,11 @@ class ProcessQueueOptions(_Options):
     #: Count x-delay from the publish time the message carries ("published"), or from receipt.
     delay_from: Literal["published", "received"] = "published"
     prefetch: int = Field(default=200, ge=1, le=65_535)
-    #: Ids of messages without a message id: "content" (a digest: a redelivery is not spooled
-    #: twice) or "random" (two identical messages are never merged). See payler/identity.py.
-    spool_id: Literal["content", "random"] = "content"
+    #: Ids of AMQP messages without a message id: "random" (the default: two identical messages
+    #: are never merged; a crash between store and ack may spool one twice) or "content" (a
+    #: digest: a redelivery is recognised, but identical messages within the dedupe window are
+    #: merged into one). See payler/identity.py.
+    spool_id: Literal["random", "content"] = "random"
 
     @model_validator(mode="before")
     @classmethod

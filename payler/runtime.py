@@ -114,13 +114,21 @@ class Runtime:
             started_ms = self.clock.now_ms()
             try:
                 await self._call(workflow, ctx)
-            except (ConfigError, StartupError):
+            except ConfigError:
                 raise
             except Exception as exc:
                 if not ctx.started.is_set():
+                    if isinstance(exc, StartupError):
+                        raise
                     raise StartupError(f"workflow {ctx.name!r} could not start: {exc}") from exc
-                if not is_transient(exc) or ctx.stopping:
+                # Once a workflow has run, failing to reconnect is an outage to wait out, not
+                # a start-up failure: the broker may be restarting.
+                transient = isinstance(exc, StartupError) or is_transient(exc)
+                if not transient:
                     raise
+                if ctx.stopping:  # the broker went away as we stopped: nothing left to do
+                    log.warning("workflow %r: %s while stopping", ctx.name, exc)
+                    return
                 if self.clock.now_ms() - started_ms > HEALTHY_RUN_MS:
                     attempt = 0  # it ran well for a while: this is a new outage
                 delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]

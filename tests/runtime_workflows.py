@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from payler.errors import TransientError
+from payler.errors import StartupError, TransientError
 from payler.workflow import WorkflowContext
 
 #: What the workflows saw, for the tests to read.
@@ -53,3 +53,22 @@ async def legacy(loop: asyncio.AbstractEventLoop) -> None:
     """The original Payler's workflow signature."""
     calls["legacy loop"] = loop
     await asyncio.Event().wait()
+
+
+async def broker_restarting(ctx: WorkflowContext) -> None:
+    """Ready; loses its broker; cannot reconnect at once (a start-up error); then can."""
+    calls["broker_restarting"] = calls.get("broker_restarting", 0) + 1
+    run = calls["broker_restarting"]
+    if run == 2:
+        raise StartupError("cannot connect to RabbitMQ at amqp://x/: connection refused")
+    ctx.ready()
+    if run == 1:
+        raise TransientError("connection lost")
+    third_run.set()
+    await ctx.stop.wait()
+
+
+async def loses_broker_while_stopping(ctx: WorkflowContext) -> None:
+    ctx.ready()
+    await ctx.stop.wait()
+    raise TransientError("connection lost while draining")

@@ -321,12 +321,16 @@ async def test_random_spool_ids_keep_identical_messages_apart(
         received(make_payload(b"same", headers={"x-delay": 5}, payload_id="amqp:q:#digest"))
         for _ in range(2)
     ]
-    await client.spool(twins, storage, broker, INGEST, ctx)
+    content_ids = INGEST.model_copy(update={"spool_id": "content"})
+    await client.spool(twins, storage, broker, content_ids, ctx)
     assert await storage.count() == 1  # "content": one entry for byte-identical messages
 
-    random_ids = INGEST.model_copy(update={"spool_id": "random"})
-    await client.spool(twins, storage, broker, random_ids, ctx)
+    await client.spool(twins, storage, broker, INGEST, ctx)  # the default: random
     assert await storage.count() == 3
+    # Ids that are not digests (a message id, a Kafka offset) are never replaced.
+    kept = received(make_payload(b"k", headers={"x-delay": 5}, payload_id="kafka:t:0:7"))
+    await client.spool([kept], storage, broker, INGEST, ctx)
+    assert await storage.get("kafka:t:0:7") is not None
 
 
 async def test_misfires_are_delivered_unless_later_than_max_lateness(

@@ -28,7 +28,7 @@ def load(tmp_path: Path, *callables: str, grace: float = 5.0) -> config.Loaded:
 @pytest.fixture(autouse=True)
 def fresh_calls() -> None:
     runtime_workflows.calls.clear()
-    runtime_workflows.third_run.clear()
+    runtime_workflows.third_run = asyncio.Event()  # an Event belongs to one test's loop
 
 
 async def test_a_workflow_failing_before_ready_is_a_startup_error(tmp_path: Path) -> None:
@@ -83,3 +83,25 @@ async def test_the_original_payler_workflow_signature_gets_the_loop(tmp_path: Pa
     assert runtime_workflows.calls["legacy loop"] is asyncio.get_running_loop()
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_failing_to_reconnect_after_running_is_an_outage_not_a_startup_error(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    runtime = Runtime(load(tmp_path, "broker_restarting"), clock=clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    await asyncio.wait_for(runtime_workflows.third_run.wait(), 5)
+    stop.set()
+    await asyncio.wait_for(task, 5)  # no StartupError: it waited the outage out
+    assert runtime.contexts[0].metrics.totals["restarts"] == 2
+
+
+async def test_losing_the_broker_while_stopping_is_still_a_clean_stop(tmp_path: Path) -> None:
+    runtime = Runtime(load(tmp_path, "loses_broker_while_stopping"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    await asyncio.wait_for(runtime.started.wait(), 5)
+    stop.set()
+    await asyncio.wait_for(task, 5)  # returns: no exception, the CLI exits 0

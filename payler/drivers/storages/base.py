@@ -58,6 +58,8 @@ log = logging.getLogger("payler.storage")
 EntryState = Literal["pending", "dead"]
 #: How long a delivered entry's id keeps a redelivered copy of its source message out.
 DEFAULT_DEDUPE_WINDOW_MS = 600_000
+#: How long a cancelled watch loop still waits for a batch it was settling.
+SETTLE_TIMEOUT_S = 10.0
 #: How often ``claim_due`` purges expired tombstones.
 PURGE_INTERVAL_MS = 60_000
 
@@ -264,10 +266,16 @@ class SpoolStorage(BaseDriver):
             raise
         rejections = {r.payload_id: r for r in handed}
         done = [c for c in claims if c.payload.id not in rejections]
-        # Settling runs shielded: once the destination has the payloads, a cancellation must not
-        # stop us between the publish and the delete (that would only cost a duplicate, but
-        # there is no reason to pay it on every shutdown).
-        await asyncio.shield(self._settle(done, claims, rejections, settings))
+        # Settling runs to its end: once the destination has the payloads, a cancellation (the
+        # grace period running out) must not stop us between the publish and the delete, nor
+        # let the storage be closed under it; that would cost a duplicate of every entry.
+        settling = asyncio.ensure_future(self._settle(done, claims, rejections, settings))
+        try:
+            await asyncio.shield(settling)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(settling, SETTLE_TIMEOUT_S)
+            raise
 
     async def _settle(
         self,
@@ -303,10 +311,15 @@ class SpoolStorage(BaseDriver):
     ) -> None:
         now_ms = self.clock.now_ms()
         horizon_ms = now_ms + round(settings.max_poll_interval_s * 1000)
+        # Listen before asking: a store committed while the query runs must still wake us.
+        watcher.wake.clear()
+        watcher.wake_at_ms = None  # any store wakes us until we know when to wake
         next_ms = await self.next_visible_ms()
         wake_at_ms = horizon_ms if next_ms is None else min(next_ms, horizon_ms)
+        if watcher.wake.is_set():
+            watcher.wake_at_ms = None
+            return
         watcher.wake_at_ms = wake_at_ms
-        watcher.wake.clear()
         delay_s = max(settings.min_poll_interval_s, (wake_at_ms - now_ms) / 1000)
         sleeper = asyncio.ensure_future(self.clock.sleep(delay_s))
         waiters = [sleeper, asyncio.ensure_future(watcher.wake.wait())]
