@@ -31,6 +31,8 @@ DESTINATION_HEADER = "x-destination"
 #: Removed on re-injection, so that a message routed back into payler is not delayed twice.
 SCHEDULING_HEADERS = frozenset({DELAY_HEADER, DELIVER_AT_HEADER, DESTINATION_HEADER})
 
+#: A destination is a routing key, queue, topic or stream name: AMQP allows 255 bytes.
+MAX_DESTINATION_BYTES = 255
 #: AMQP timestamps have a resolution of one second: the true publish time lies within the second
 #: after the stamp. Counting from the end of that second never delivers before the due time.
 TIMESTAMP_RESOLUTION_MS = 999
@@ -156,6 +158,10 @@ def destination(headers: Mapping[str, Any], rules: SchedulingRules) -> str:
         value = value.decode("utf-8", "replace")
     if not isinstance(value, str) or not value.strip():
         raise InvalidSchedule(f"{DESTINATION_HEADER} is not a destination name ({_show(value)})")
+    if len(value.encode()) > MAX_DESTINATION_BYTES:
+        raise InvalidSchedule(
+            f"{DESTINATION_HEADER} is longer than {MAX_DESTINATION_BYTES} bytes ({_show(value)})"
+        )
     return value
 
 

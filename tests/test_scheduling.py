@@ -437,3 +437,9 @@ def test_parse_delay_takes_ascii_digits_only() -> None:
     # "١٥٠٠" is 1500 in Arabic-Indic digits: float() would read it, a broker header never means it.
     with pytest.raises(InvalidSchedule, match="not a number"):
         parse_delay("١٥٠٠")
+
+
+def test_a_destination_longer_than_a_routing_key_is_invalid() -> None:
+    with pytest.raises(InvalidSchedule, match="longer than 255 bytes"):
+        destination({"x-destination": "q" * 256}, SchedulingRules())
+    assert destination({"x-destination": "q" * 255}, SchedulingRules()) == "q" * 255

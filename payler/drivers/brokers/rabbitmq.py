@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import aiormq
+import pamqp.encode
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -50,6 +52,8 @@ log = logging.getLogger("payler.rabbitmq")
 #: On a dead-lettered message whose headers AMQP cannot carry: the headers as JSON text.
 ORIGINAL_HEADERS = "x-payler-original-headers"
 
+#: AMQP routing keys are short strings: at most 255 bytes.
+MAX_ROUTING_KEY_BYTES = 255
 #: How long the first connection may take before start-up fails.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -70,6 +74,11 @@ class RabbitMQBroker(Broker):
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
+            if self.exchange:
+                await self._check_exchange(self.exchange)
+        except StartupError:
+            await self.close()
+            raise
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
             await self.close()
             raise StartupError(
@@ -87,6 +96,16 @@ class RabbitMQBroker(Broker):
         if self._connection is None:
             raise RuntimeError("the RabbitMQ broker is not connected (use it as `async with`)")
         return self._connection
+
+    async def _check_exchange(self, name: str) -> None:
+        async with self.connection.channel() as probe:
+            try:
+                await probe.get_exchange(name, ensure=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                raise StartupError(
+                    f"RabbitMQ at {mask_url(self.url)} has no exchange {name!r} "
+                    '(declare it, or publish to the default exchange: exchange: "")'
+                ) from None
 
     async def ensure_queue(self, name: str) -> None:
         # A passive declare that fails closes its channel: use a throwaway one.
@@ -117,12 +136,20 @@ class RabbitMQBroker(Broker):
                 inbox.put_nowait(message)
 
             consumer_tag = await queue.consume(on_message)
+            # The broker cancels the consumer (the channel staying open) when the queue is
+            # deleted or fails over: that, too, is a loss to restart from.
+            underlay = await channel.get_underlay_channel()
+
+            async def on_cancel(_frame: object) -> None:
+                lost.set()
+
+            underlay.on_consumer_cancel_callbacks.add(on_cancel)
             try:
                 while not stop.is_set():
                     batch = await _next_batch(inbox, stop, lost, self.batch_size)
                     if lost.is_set():
                         raise TransientError(
-                            f"lost the RabbitMQ channel consuming {self.queue!r} "
+                            f"lost the RabbitMQ channel or consumer of {self.queue!r} "
                             f"({len(batch)} messages in hand will be redelivered)"
                         )
                     if batch:
@@ -187,17 +214,30 @@ class RabbitMQBroker(Broker):
 
     async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
         exchange = await self._exchange(self.exchange)
-        rejections, publishing, publishes = [], [], []
+        rejections, ready = [], []
         for payload in batch:
             try:
                 message = _encode(payload, without_scheduling_headers(payload.headers))
-            except (TypeError, ValueError) as exc:  # a value AMQP cannot carry: never retryable
+                _check_routing_key(payload.destination)
+            except (TypeError, ValueError, OverflowError, struct.error) as exc:
+                # A value AMQP cannot carry: retrying cannot help.
                 rejections.append(Rejection(payload.id, f"cannot encode for AMQP: {exc}", True))
                 continue
-            publishing.append(payload)
-            publishes.append(exchange.publish(message, payload.destination))
-        results = await asyncio.gather(*publishes, return_exceptions=True)
-        for payload, result in zip(publishing, results, strict=True):
+            ready.append((payload, message))
+        for round_ in _rounds_of_unique_message_ids(ready):
+            rejections += await self._publish_round(exchange, round_)
+        return rejections
+
+    async def _publish_round(
+        self, exchange: AbstractExchange, round_: list[tuple[Payload, aio_pika.Message]]
+    ) -> list[Rejection]:
+        """Publish together (pipelined confirms), then read each outcome."""
+        results = await asyncio.gather(
+            *(exchange.publish(message, payload.destination) for payload, message in round_),
+            return_exceptions=True,
+        )
+        rejections = []
+        for (payload, _), result in zip(round_, results, strict=True):
             if not isinstance(result, BaseException):
                 continue
             if isinstance(result, aio_pika.exceptions.PublishError):  # returned: unroutable
@@ -264,22 +304,60 @@ async def _next_batch(
     return batch
 
 
+def _rounds_of_unique_message_ids(
+    ready: list[tuple[Payload, aio_pika.Message]],
+) -> list[list[tuple[Payload, aio_pika.Message]]]:
+    """Split a batch so that no message id is in flight twice at once.
+
+    aiormq matches a returned (unroutable) message to its publish by message id: two publishes
+    in flight with one id would have their outcomes mixed up. (Messages without an id get a
+    random one from aiormq, so they never collide.)
+    """
+    rounds: list[list[tuple[Payload, aio_pika.Message]]] = []
+    seen: list[set[str]] = []
+    for item in ready:
+        message_id = item[1].message_id
+        index = 0
+        if message_id is not None:
+            while index < len(seen) and message_id in seen[index]:
+                index += 1
+        if index == len(rounds):
+            rounds.append([])
+            seen.append(set())
+        rounds[index].append(item)
+        if message_id is not None:
+            seen[index].add(message_id)
+    return rounds
+
+
+def _check_routing_key(destination: str) -> None:
+    if len(destination.encode()) > MAX_ROUTING_KEY_BYTES:
+        raise ValueError(
+            f"the destination {destination[:40]!r}... is longer than AMQP's "
+            f"{MAX_ROUTING_KEY_BYTES}-byte routing keys"
+        )
+
+
 def _dead_letter_message(payload: Payload, reason: str, now_ms: int) -> aio_pika.Message:
     headers = dead_letter_headers(payload, reason, now_ms)
     try:
         return _encode(payload, headers)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, struct.error):
         # Headers AMQP cannot carry still reach the dead-letter queue, as lossless JSON text.
         kept = {k: v for k, v in headers.items() if k not in payload.headers}
         return _encode(payload, {**kept, ORIGINAL_HEADERS: codec.dumps(payload.headers)})
 
 
 def _encode(payload: Payload, headers: dict[str, Any]) -> aio_pika.Message:
-    """The AMQP message for ``payload`` with ``headers``; TypeError if a value cannot be sent."""
+    """The AMQP message for ``payload`` with ``headers``; an error if a value cannot be sent."""
     props = payload.properties
+    table = _amqp_table(headers)
+    # Encoded once here, so that a value AMQP cannot carry (an integer beyond 64 bits, say) is
+    # refused for this payload alone, not discovered by the publish, failing the whole batch.
+    pamqp.encode.field_table(table)
     return aio_pika.Message(
         body=payload.body,
-        headers=_amqp_table(headers),
+        headers=table,
         content_type=props.content_type,
         content_encoding=props.content_encoding,
         correlation_id=props.correlation_id,

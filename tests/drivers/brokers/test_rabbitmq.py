@@ -10,6 +10,7 @@ import pytest
 
 from payler.drivers.base import Rejection
 from payler.drivers.brokers.rabbitmq import RabbitMQBroker
+from payler.errors import StartupError, TransientError
 from payler.payload import Payload
 from payler.testing import make_payload
 from tests.conftest import AMQP_URL, Rabbit
@@ -128,3 +129,68 @@ async def test_serve_acks_only_after_the_handler_returned(
         assert [p.id for p in taken].count(payload_id) >= 2
     await broker.close()  # the acknowledgements are flushed before the connection closes
     assert await rabbit.count(source) == 0
+
+
+async def test_one_message_id_twice_in_a_batch_keeps_each_outcome_apart(
+    broker: RabbitMQBroker, rabbit: Rabbit
+) -> None:
+    # aiormq matches a returned message to its publish by message id: two in flight with one
+    # id would swap outcomes, losing the unroutable one.
+    out = rabbit.queue_name("out")
+    await broker.ensure_queue(out)
+    lost = make_payload(b"lost", destination=f"{out}-missing", message_id="same")
+    kept = make_payload(b"kept", destination=out, message_id="same")
+
+    rejections = await broker.process([lost, kept])
+
+    assert [(r.payload_id, r.permanent) for r in rejections] == [(lost.id, True)]
+    assert [m.body for m in await rabbit.drain(out)] == [b"kept"]
+
+
+async def test_a_value_amqp_cannot_carry_fails_that_payload_alone(
+    broker: RabbitMQBroker, rabbit: Rabbit
+) -> None:
+    out = rabbit.queue_name("out")
+    await broker.ensure_queue(out)
+    huge = make_payload(b"huge", headers={"n": 10**30}, destination=out)
+    long_key = make_payload(b"long", destination="q" * 300)
+    fine = make_payload(b"fine", destination=out)
+
+    rejections = await broker.process([huge, long_key, fine])
+
+    assert {r.payload_id: r.permanent for r in rejections} == {huge.id: True, long_key.id: True}
+    assert all("cannot encode for AMQP" in r.reason for r in rejections)
+    assert [m.body for m in await rabbit.drain(out)] == [b"fine"]
+    # Dead-lettering it still works: the headers travel as JSON text.
+    dead = rabbit.queue_name("dead")
+    await broker.ensure_queue(dead)
+    await broker.dead_letter([(huge, "cannot encode")], dead)
+    [message] = await rabbit.drain(dead)
+    assert message.headers["x-payler-original-headers"] == '{"n":1000000000000000000000000000000}'
+
+
+async def test_a_missing_exchange_is_a_startup_error(rabbit: Rabbit) -> None:
+    with pytest.raises(StartupError, match="no exchange 'no-such-exchange'"):
+        async with RabbitMQBroker(AMQP_URL, exchange="no-such-exchange"):
+            pass
+
+
+async def test_a_consumer_cancelled_by_the_broker_is_a_transient_error(
+    broker: RabbitMQBroker, rabbit: Rabbit
+) -> None:
+    source = rabbit.queue_name("source")
+    await broker.ensure_queue(source)
+    broker.queue = source
+    consuming = asyncio.Event()
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        consuming.set()
+        return []
+
+    serving = asyncio.create_task(broker.serve(handler, asyncio.Event()))
+    await rabbit.publish(source, aio_pika.Message(b"x"))
+    await asyncio.wait_for(consuming.wait(), 5)  # the consumer is there
+    async with rabbit.connection.channel() as admin:
+        await admin.queue_delete(source)  # the broker cancels the consumer; the channel stays
+    with pytest.raises(TransientError, match="consumer"):
+        await asyncio.wait_for(serving, 5)
