@@ -88,7 +88,12 @@ async def spool(
     """Schedule, store and dead-letter one batch; return only once all of it is durable."""
     rules = scheduling_rules(options)
     scheduled, invalid = [], []
+    limit = storage.max_body_bytes
     for payload in batch:
+        if limit is not None and len(payload.body) > limit:
+            invalid.append((payload, f"body of {len(payload.body)} bytes is over the spool's "
+                                     f"limit of {limit} bytes"))  # fmt: skip
+            continue
         try:
             when = schedule(
                 payload.headers,

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from payler.errors import ConfigError
 from payler.urls import mask_url
 
-_VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\{[^}]*\}?")
 
 
 class WorkflowConfig(BaseModel):
@@ -126,6 +126,11 @@ def expand(value: Any, environ: Mapping[str, str], *, path: str, key: str = "") 
         if match.group(0) == "$${":
             return "${"
         name, default = match.group(1), match.group(2)
+        if name is None:  # ${VAR-x}, ${ VAR }, ${VAR:=x}, an unclosed ${...: not ours to guess
+            raise ConfigError(
+                f"{path}: {key}: cannot expand {match.group(0)!r}: write ${{VAR}} or "
+                "${VAR:-default} (or $${ for a literal ${)"
+            )
         found = environ.get(name)
         if found:
             return found

@@ -81,8 +81,11 @@ class ProcessQueueOptions(_Options):
     def _batch_defaults_to_fit_prefetch(cls, data: object) -> object:
         # A user who lowers only the prefetch gets batches that fit in it, not an error.
         if isinstance(data, dict) and "batch_size" not in data and "prefetch" in data:
-            prefetch = data["prefetch"]
-            if isinstance(prefetch, int) and 1 <= prefetch < 100:
+            try:  # expanded from the environment, it is text: "50"
+                prefetch = int(data["prefetch"])
+            except (TypeError, ValueError):
+                return data  # the field's own validation reports it
+            if 1 <= prefetch < 100:
                 return {**data, "batch_size": prefetch}
         return data
 

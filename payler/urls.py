@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import re
+
+#: Query parameters that carry secrets (redis-py and pymongo accept some of these).
+_SECRET_PARAMS = re.compile(
+    r"([?&](?:password|passwd|pwd|secret|token|sasl_plain_password|tlsCertificateKeyFilePassword)=)[^&#]*",
+    re.IGNORECASE,
+)
+
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and logs."""
+    """``url`` with its password (in the user information or the query) replaced by ``***``."""
+    return _mask_userinfo(_SECRET_PARAMS.sub(r"\1***", url))
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (a library's error message, say) without the secrets of ``url`` in it."""
+    for secret in _secrets_of(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secrets_of(url: str) -> list[str]:
+    secrets = [m.group(0).split("=", 1)[1] for m in _SECRET_PARAMS.finditer(url)]
+    masked = _mask_userinfo(url)
+    if masked != url:
+        rest = url.partition("://")[2]
+        userinfo = rest.rpartition("@")[0] if "@" in rest else ""
+        password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+        secrets.append(password)
+        secrets += [part for part in re.split(r"[/:@?&]", password) if len(part) >= 3]
+    return sorted({s for s in secrets if s}, key=len, reverse=True)
+
+
+def _mask_userinfo(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

@@ -390,3 +390,23 @@ workflows:
     assert "nowhere" in dead.headers[DEAD_LETTER_REASON]
     assert source.messages("in") == []
     reset()
+
+
+class SmallStorage(MemoryStorage):
+    max_body_bytes = 10
+
+
+async def test_a_body_too_large_for_the_spool_is_dead_lettered_at_ingest(
+    broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    async with SmallStorage("memory://small", clock=clock) as small:
+        batch = [
+            received(make_payload(b"x" * 11, headers={"x-delay": 5}, payload_id="big")),
+            received(make_payload(b"x" * 10, headers={"x-delay": 5}, payload_id="fits")),
+        ]
+        assert await client.spool(batch, small, broker, INGEST, ctx) == []
+        assert await small.get("fits") is not None
+        assert await small.get("big") is None
+    [dead] = broker.messages("payler-dead-letter")
+    assert "11 bytes is over the spool's limit of 10 bytes" in dead.headers[DEAD_LETTER_REASON]

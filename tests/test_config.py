@@ -477,3 +477,13 @@ def test_lowering_only_the_prefetch_lowers_the_batch_to_fit() -> None:
     assert ProcessQueueOptions(prefetch=500).batch_size == 100
     with pytest.raises(ValueError, match="cannot exceed prefetch"):
         ProcessQueueOptions(prefetch=50, batch_size=60)
+
+
+@pytest.mark.parametrize("written", ["${Q-jobs}", "${ Q }", "${Q:=jobs}", "${Q"])
+def test_an_expansion_payler_does_not_know_is_an_error_not_text(written: str) -> None:
+    with pytest.raises(ConfigError, match="cannot expand"):
+        config.expand({"queue": written}, {}, path="c.yaml")
+
+
+def test_a_prefetch_from_the_environment_lowers_the_batch_too() -> None:
+    assert ProcessQueueOptions.model_validate({"prefetch": "50"}).batch_size == 50

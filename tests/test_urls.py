@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from payler.urls import mask_url, scheme_of
+from payler.urls import mask_url, redact, scheme_of
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,17 @@ def test_mask_url_hides_a_password_with_a_slash() -> None:
 )
 def test_scheme_of(url: str, scheme: str) -> None:
     assert scheme_of(url) == scheme
+
+
+def test_mask_url_hides_passwords_in_the_query() -> None:
+    assert (
+        mask_url("redis://h:6379/0?password=hunter2&db=1") == "redis://h:6379/0?password=***&db=1"
+    )
+    assert mask_url("mongodb://h/?tls=true&Password=x") == "mongodb://h/?tls=true&Password=***"
+
+
+def test_redact_removes_a_url_s_secrets_from_library_messages() -> None:
+    url = "amqp://payler:s3cret-pw@host:5672/?token=abcdef"
+    message = "ACCESS_REFUSED for payler:s3cret-pw (token abcdef)"
+    assert redact(message, url) == "ACCESS_REFUSED for payler:*** (token ***)"
+    assert redact("nothing secret", "amqp://host/") == "nothing secret"

@@ -45,7 +45,7 @@ from payler.errors import StartupError, TransientError
 from payler.identity import spool_id
 from payler.payload import MessageProperties, Payload
 from payler.scheduling import without_scheduling_headers
-from payler.urls import mask_url
+from payler.urls import mask_url, redact
 
 log = logging.getLogger("payler.rabbitmq")
 
@@ -82,7 +82,8 @@ class RabbitMQBroker(Broker):
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
             await self.close()
             raise StartupError(
-                f"cannot connect to RabbitMQ at {mask_url(self.url)}: {_describe(exc)}"
+                f"cannot connect to RabbitMQ at {mask_url(self.url)}: "
+                f"{redact(_describe(exc), self.url)}"
             ) from exc
 
     async def close(self) -> None:

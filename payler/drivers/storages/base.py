@@ -131,6 +131,9 @@ class SpoolStorage(BaseDriver):
 
     #: URL schemes this backend serves (``sqlite``, ``mongodb``, ...).
     schemes: tuple[str, ...] = ()
+    #: The largest body this backend can store (None: no limit below the broker's own). A
+    #: larger message is dead-lettered at ingest instead of failing its whole batch forever.
+    max_body_bytes: int | None = None
 
     def __init__(
         self,

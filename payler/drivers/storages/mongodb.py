@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError, WriteConcernError
 
 from payler.clock import Clock
 from payler.drivers.storages.base import (
@@ -42,7 +42,7 @@ from payler.drivers.storages.base import (
 from payler.errors import StartupError, TransientError
 from payler.metrics import Metrics
 from payler.payload import Payload
-from payler.urls import mask_url
+from payler.urls import mask_url, redact
 
 log = logging.getLogger("payler.storage.mongodb")
 
@@ -61,6 +61,7 @@ _LEGACY_BATCH = 500
 _CLAIM_ROUNDS = 3
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DUE_ORDER = [("due_ms", ASCENDING), ("_id", ASCENDING)]
+_VISIBLE_ORDER = [("visible_ms", ASCENDING)]
 
 
 def _transient(
@@ -72,7 +73,7 @@ def _transient(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await hook(*args, **kwargs)
-        except ConnectionFailure as exc:
+        except (ConnectionFailure, WriteConcernError) as exc:
             raise TransientError(f"MongoDB spool: {exc}") from exc
 
     return wrapper
@@ -86,6 +87,8 @@ class MongoStorage(SpoolStorage):
     """
 
     schemes = ("mongodb", "mongodb+srv")
+    #: A BSON document is at most 16 MiB: the body, with room for the headers.
+    max_body_bytes = 15 * 1024 * 1024
 
     def __init__(
         self,
@@ -122,6 +125,7 @@ class MongoStorage(SpoolStorage):
             await self.close()
             # pymongo appends the whole topology description: the first part says it all.
             what = str(exc).partition(", Topology Description:")[0]
+            what = redact(what, self.url)
             raise StartupError(f"MongoDB spool storage {mask_url(self.url)}: {what}") from exc
 
     async def close(self) -> None:
@@ -142,6 +146,11 @@ class MongoStorage(SpoolStorage):
         try:
             result = await self._spool.insert_many([_to_doc(p) for p in batch], ordered=False)
         except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                # Written, but not as durably as the URL asks (w, journal): not yet safe to ack.
+                raise TransientError(
+                    f"MongoDB spool: write concern not met: {exc.details['writeConcernErrors'][0]}"
+                ) from exc
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != _DUPLICATE_KEY for e in errors):
                 raise
@@ -154,7 +163,8 @@ class MongoStorage(SpoolStorage):
         visible = {"state": "pending", "visible_ms": {"$lte": now_ms}}
         claims: list[Claim] = []
         for _ in range(_CLAIM_ROUNDS):  # another round only for candidates lost to a race
-            found = self._spool.find(visible, {"_id": 1}).sort(_DUE_ORDER)
+            # In visibility order, as the (state, visible_ms) index runs: no sort of the backlog.
+            found = self._spool.find(visible, {"_id": 1}).sort(_VISIBLE_ORDER)
             ids = [doc["_id"] async for doc in found.limit(limit - len(claims))]
             if not ids:
                 break

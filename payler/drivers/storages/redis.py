@@ -59,7 +59,7 @@ from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
 from payler.errors import StartupError, TransientError
 from payler.metrics import Metrics
 from payler.payload import Payload
-from payler.urls import mask_url
+from payler.urls import mask_url, redact
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -313,7 +313,9 @@ class RedisStorage(SpoolStorage):
                 await client.ping()
         except (RedisError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             await self.close()
-            what = str(exc) or type(exc).__name__
+            what = redact(str(exc) or type(exc).__name__, self.url)
+            if isinstance(exc, ValueError):  # the URL itself: its text may quote the password
+                what = "the URL cannot be parsed (characters such as / in a password: %2F)"
             raise StartupError(
                 f"cannot use the Redis spool storage {mask_url(self.url)!r}: {what}"
             ) from exc
