@@ -2,6 +2,8 @@
 
 =====================  =========================================
 ``amqp://``/``amqps://``  RabbitMQ (aio-pika)
+``kafka://``              Kafka (aiokafka)
+``redis://``/``rediss://``  Redis streams (redis-py asyncio): see ``redis_streams.py``
 ``memory://NAME``         in this process only: for tests
 =====================  =========================================
 """
@@ -18,6 +20,9 @@ from payler.urls import mask_url, scheme_of
 _BACKENDS: dict[str, tuple[str, str]] = {
     "amqp": ("payler.drivers.brokers.rabbitmq", "RabbitMQBroker"),
     "amqps": ("payler.drivers.brokers.rabbitmq", "RabbitMQBroker"),
+    "redis": ("payler.drivers.brokers.redis_streams", "RedisStreamsBroker"),
+    "rediss": ("payler.drivers.brokers.redis_streams", "RedisStreamsBroker"),
+    "kafka": ("payler.drivers.brokers.kafka", "KafkaBroker"),
     "memory": ("payler.drivers.brokers.memory", "MemoryBroker"),
 }
 

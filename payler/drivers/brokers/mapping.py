@@ -17,7 +17,8 @@ Kafka headers
 Redis stream fields
     ``body`` (raw bytes), ``key`` (raw bytes, when there is one), ``headers`` (lossless JSON of
     the custom headers), ``properties`` (JSON of the AMQP properties, publish time as
-    ``timestamp_ms``). A producer may send just ``body``.
+    ``timestamp_ms``). A producer may send just ``body``; any other field it sends becomes a
+    string header of that name.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ PROPERTY_HEADERS: dict[str, str] = {
 _INT_PROPERTIES = frozenset({"priority", "delivery_mode"})
 _PROPERTY_OF_HEADER = {header: name for name, header in PROPERTY_HEADERS.items()}
 TYPED_HEADERS = "payler-typed-headers"
+_STREAM_FIELDS = frozenset({b"body", b"key", b"headers", b"properties"})
 
 
 def to_kafka_headers(payload: Payload, headers: Mapping[str, Any]) -> list[tuple[str, bytes]]:
@@ -106,6 +108,13 @@ def from_stream_fields(
     """Body, key, custom headers and properties of a Redis stream entry."""
     headers = codec.loads(fields[b"headers"]) if b"headers" in fields else {}
     props = codec.loads(fields[b"properties"]) if b"properties" in fields else {}
+    if isinstance(headers, dict):
+        # A producer's own fields (``type``, ``tenant``...) travel on as string headers.
+        for name, value in fields.items():
+            if name not in _STREAM_FIELDS:
+                headers.setdefault(
+                    name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
+                )
     return (
         fields.get(b"body", b""),
         fields.get(b"key"),

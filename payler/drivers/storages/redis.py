@@ -127,11 +127,17 @@ return new
 _CLAIM = """
 local ids = redis.call('ZRANGEBYSCORE', VISIBLE, '-inf', ARGV[4], 'LIMIT', 0, ARGV[5])
 local records = {}
-for i, id in ipairs(ids) do
+for _, id in ipairs(ids) do
   local entry = ENTRY .. id
-  redis.call('ZADD', VISIBLE, ARGV[6], id)
-  redis.call('HSET', entry, 'token', ARGV[7], 'visible_ms', ARGV[6])
-  records[i] = redis.call('HMGET', entry, unpack(FIELDS))
+  if redis.call('EXISTS', entry) == 0 then
+    -- Its record is gone (evicted, deleted by hand): drop the dangling index entry rather
+    -- than recreate a partial record that would block the id and fail every claim.
+    redis.call('ZREM', VISIBLE, id)
+  else
+    redis.call('ZADD', VISIBLE, ARGV[6], id)
+    redis.call('HSET', entry, 'token', ARGV[7], 'visible_ms', ARGV[6])
+    records[#records + 1] = redis.call('HMGET', entry, unpack(FIELDS))
+  end
 end
 return records
 """

@@ -316,3 +316,21 @@ async def test_a_lost_server_is_a_transient_error(new_url: Callable[[], str]) ->
             await storage.claim_due(T0, 10, LEASE)
         with pytest.raises(TransientError):
             await storage.count()
+
+
+async def test_an_index_entry_whose_record_is_gone_is_dropped_not_claimed(
+    redis_spool_url: str,
+) -> None:
+    # Under an allkeys eviction policy (or a hand-deleted key) the hash can go alone.
+    async with RedisStorage(redis_spool_url) as storage:
+        await storage.store(
+            [
+                Payload(id=name, body=b"x", destination="d", due_ms=0, created_ms=0)
+                for name in ("gone", "kept")
+            ]
+        )
+        await storage.client.delete(storage.keys.entry("gone"))
+        claims = await storage.claim_due(1, 10, 1000)
+        assert [c.payload.id for c in claims] == ["kept"]
+        assert await storage.client.zscore(storage.keys.visible, "gone") is None
+        assert not await storage.client.exists(storage.keys.entry("gone"))
