@@ -9,6 +9,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 class PaylerError(Exception):
     """Base class of payler's own errors."""
@@ -59,3 +66,24 @@ def is_transient(exc: BaseException) -> bool:
         if names and cls.__name__ in names:
             return True
     return False
+
+
+def transient_on(
+    errors: tuple[type[BaseException], ...], label: str
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """Decorate a driver's hooks: ``errors`` (a library's lost-connection family) become
+    :class:`TransientError` naming ``label``, which the runtime retries with backoff."""
+
+    def decorate(
+        hook: Callable[P, Coroutine[Any, Any, R]],
+    ) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(hook)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await hook(*args, **kwargs)
+            except errors as exc:
+                raise TransientError(f"{label}: {exc}") from exc
+
+        return wrapper
+
+    return decorate

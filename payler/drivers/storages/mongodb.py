@@ -17,12 +17,11 @@ here, then deleted there), so no pending message is stranded.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
@@ -39,7 +38,7 @@ from payler.drivers.storages.base import (
     encode_cursor,
     new_token,
 )
-from payler.errors import StartupError, TransientError
+from payler.errors import StartupError, TransientError, transient_on
 from payler.metrics import Metrics
 from payler.payload import Payload
 from payler.urls import mask_url, redact
@@ -47,8 +46,6 @@ from payler.urls import mask_url, redact
 log = logging.getLogger("payler.storage.mongodb")
 
 Doc = dict[str, Any]
-P = ParamSpec("P")
-R = TypeVar("R")
 
 SPOOL_COLLECTION = "payler_spool"
 DEFAULT_DATABASE = "payler"
@@ -64,19 +61,7 @@ _DUE_ORDER = [("due_ms", ASCENDING), ("_id", ASCENDING)]
 _VISIBLE_ORDER = [("visible_ms", ASCENDING)]
 
 
-def _transient(
-    hook: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn a lost connection into a :class:`TransientError`: the runtime retries with backoff."""
-
-    @functools.wraps(hook)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await hook(*args, **kwargs)
-        except (ConnectionFailure, WriteConcernError) as exc:
-            raise TransientError(f"MongoDB spool: {exc}") from exc
-
-    return wrapper
+_transient = transient_on((ConnectionFailure, WriteConcernError), "MongoDB spool")
 
 
 class MongoStorage(SpoolStorage):

@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -56,13 +55,10 @@ from payler.drivers.storages.base import (
     new_token,
 )
 from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
-from payler.errors import StartupError, TransientError
+from payler.errors import StartupError, transient_on
 from payler.metrics import Metrics
 from payler.payload import Payload
 from payler.urls import mask_url, redact
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 #: The hash fields that make up a payload, in the order the scripts return them.
 _RECORD = ("id", "body", "meta", "destination", "due_ms", "created_ms", "attempts", "last_error")
@@ -250,19 +246,7 @@ return records
 """
 
 
-def _transient(
-    hook: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn a lost connection into a :class:`TransientError`: the runtime retries with backoff."""
-
-    @functools.wraps(hook)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await hook(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise TransientError(f"Redis spool: {exc}") from exc
-
-    return wrapper
+_transient = transient_on((RedisConnectionError, RedisTimeoutError), "Redis spool")
 
 
 def split_prefix(url: str) -> tuple[str, str]:
