@@ -111,7 +111,15 @@ async def spool(
     new = await storage.store(scheduled)
     fault_point("after-store")
     ctx.metrics.incr("spooled", new)
-    ctx.metrics.incr("duplicates", len(scheduled) - new)
+    if len(scheduled) > new:
+        ctx.metrics.incr("duplicates", len(scheduled) - new)
+        # Expected after a crash (the source redelivers); otherwise a producer reuses ids.
+        ctx.log.warning(
+            "%d of %d messages were not spooled again: their ids are in the spool already, or "
+            "were delivered within the dedupe window (a redelivery, or message ids reused)",
+            len(scheduled) - new,
+            len(scheduled),
+        )
     if invalid:
         for payload, reason in invalid:
             ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
