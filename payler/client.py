@@ -24,9 +24,10 @@ from payler.drivers.brokers import broker_from_url
 from payler.drivers.brokers.base import Broker
 from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import SpoolStorage, WatchSettings
-from payler.errors import InvalidSchedule
+from payler.errors import InvalidSchedule, is_transient
 from payler.faults import fault_point
 from payler.identity import is_content_id, random_spool_id
+from payler.isolation import describe, isolate
 from payler.options import ForwardOptions, ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
 from payler.scheduling import SchedulingRules, schedule
@@ -85,46 +86,107 @@ async def spool(
     options: ProcessQueueOptions,
     ctx: WorkflowContext,
 ) -> list[Rejection]:
-    """Schedule, store and dead-letter one batch; return only once all of it is durable."""
+    """Schedule, store and dead-letter one batch; return only once all of it is durable.
+
+    Whatever one message raises — a defect of its source encoding, invalid scheduling headers, a
+    value the spool cannot store, a bug — it is dead-lettered alone, with the reason, and the
+    rest of the batch is stored. Returned: the messages to hand back to the source for now (their
+    dead-lettering was refused for now).
+    """
     rules = scheduling_rules(options)
     scheduled, invalid = [], []
-    limit = storage.max_body_bytes
     for payload in batch:
-        if limit is not None and len(payload.body) > limit:
-            invalid.append((payload, f"body of {len(payload.body)} bytes is over the spool's "
-                                     f"limit of {limit} bytes"))  # fmt: skip
-            continue
-        try:
-            when = schedule(
-                payload.headers,
-                received_ms=payload.created_ms,
-                published_ms=payload.properties.timestamp_ms,
-                rules=rules,
-            )
-        except InvalidSchedule as exc:
-            invalid.append((payload, exc.reason))
-            continue
-        update: dict[str, object] = {"due_ms": when.due_ms, "destination": when.destination}
-        if options.spool_id == "random" and is_content_id(payload.id):
-            update["id"] = random_spool_id(payload.id.partition(":")[0], payload.source)
-        scheduled.append(payload.model_copy(update=update))
-    new = await storage.store(scheduled)
+        outcome = _scheduled(payload, rules, options, storage.max_body_bytes, ctx)
+        if isinstance(outcome, str):
+            invalid.append((payload, outcome))
+        else:
+            scheduled.append(outcome)
+    stored, unstorable = await isolate(storage.store, scheduled, "the spool cannot store it")
+    invalid += unstorable
+    new = sum(stored)
     fault_point("after-store")
     ctx.metrics.incr("spooled", new)
-    if len(scheduled) > new:
-        ctx.metrics.incr("duplicates", len(scheduled) - new)
+    duplicates = len(scheduled) - len(unstorable) - new
+    if duplicates > 0:
+        ctx.metrics.incr("duplicates", duplicates)
         # Expected after a crash (the source redelivers); otherwise a producer reuses ids.
         ctx.log.warning(
             "%d of %d messages were not spooled again: their ids are in the spool already, or "
             "were delivered within the dedupe window (a redelivery, or message ids reused)",
-            len(scheduled) - new,
+            duplicates,
             len(scheduled),
         )
-    if invalid:
-        for payload, reason in invalid:
-            ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
-        await broker.dead_letter(invalid, options.dead_letter_queue)
-    return []
+    return await _dead_letter_or_park(invalid, broker, storage, options.dead_letter_queue, ctx)
+
+
+def _scheduled(
+    payload: Payload,
+    rules: SchedulingRules,
+    options: ProcessQueueOptions,
+    limit: int | None,
+    ctx: WorkflowContext,
+) -> Payload | str:
+    """``payload`` scheduled for the spool, or why it cannot be (never raises)."""
+    if payload.defect is not None:
+        return payload.defect
+    if limit is not None and len(payload.body) > limit:
+        return f"body of {len(payload.body)} bytes is over the spool's limit of {limit} bytes"
+    try:
+        when = schedule(
+            payload.headers,
+            received_ms=payload.created_ms,
+            published_ms=payload.properties.timestamp_ms,
+            rules=rules,
+        )
+        update: dict[str, object] = {"due_ms": when.due_ms, "destination": when.destination}
+        if options.spool_id == "random" and is_content_id(payload.id):
+            update["id"] = random_spool_id(payload.id.partition(":")[0], payload.source)
+        return payload.model_copy(update=update)
+    except InvalidSchedule as exc:
+        return exc.reason
+    except Exception as exc:  # a bug in payler, for this message alone
+        ctx.log.exception("scheduling message %s failed (a bug in payler)", payload.id)
+        return f"payler could not schedule it (a bug in payler): {describe(exc)}"
+
+
+async def _dead_letter_or_park(
+    invalid: Sequence[tuple[Payload, str]],
+    broker: Broker,
+    storage: SpoolStorage,
+    queue: str,
+    ctx: WorkflowContext,
+) -> list[Rejection]:
+    """Dead-letter each message to ``queue``; park in the spool what ``queue`` refuses for
+    good even in its minimal form; return what it refused for now (to be retried)."""
+    if not invalid:
+        return []
+    for payload, reason in invalid:
+        ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
+    refused = await broker.dead_letter(invalid, queue)
+    reasons = {p.id: reason for p, reason in invalid}
+    by_id = {p.id: p for p, _ in invalid}
+    parking = [r for r in refused if r.permanent]
+    for rejection in parking:
+        ctx.log.error(
+            "dead letter %s is refused by %r (%s): parked in the spool as dead instead",
+            rejection.payload_id, queue, rejection.reason,
+        )  # fmt: skip
+    for payload, reason in [(by_id[r.payload_id], f"{reasons[r.payload_id]}; {r.reason}")
+                            for r in parking]:  # fmt: skip
+        await _park(storage, payload, reason)
+    return [r for r in refused if not r.permanent]
+
+
+async def _park(storage: SpoolStorage, payload: Payload, reason: str) -> None:
+    """Keep ``payload`` in the spool as dead; without its body and headers if the spool cannot
+    hold them (a message both the dead-letter destination and the spool refuse)."""
+    _, failed = await isolate(
+        lambda one: storage.park([(one[0], reason)]), [payload], "parking it failed"
+    )
+    if failed:
+        bare = payload.model_copy(update={"body": b"", "headers": {}})
+        dropped = f"{reason}; {failed[0][1]}: body of {len(payload.body)} bytes and headers dropped"
+        await storage.park([(bare, dropped)])
 
 
 async def watch_storage(ctx: WorkflowContext) -> None:
@@ -172,28 +234,17 @@ async def deliver(
 
     ``attempts`` counts every failed delivery of a payload (a nack, a lost connection, an
     unroutable publish when ``retry_unroutable`` is set); one that reaches ``max_attempts`` is
-    dead-lettered with its last error.
+    dead-lettered with its last error. A payload the dead-letter destination refuses for good
+    is returned as a permanent rejection: the storage parks it as dead. Whatever the
+    dead-lettering does, the payloads that were published are settled (deleted) all the same.
     """
-    now_ms = ctx.clock.now_ms()
-    give_up: list[tuple[Payload, str]] = []
-    sending = []
-    for payload in batch:
-        late_ms = now_ms - payload.due_ms
-        if payload.attempts >= options.max_attempts:
-            give_up.append(
-                (payload, f"gave up after {payload.attempts} attempts: {payload.last_error}")
-            )
-        elif options.max_lateness_ms is not None and late_ms > options.max_lateness_ms:
-            reason = (
-                f"missed its due time by {late_ms} ms (max_lateness_ms {options.max_lateness_ms})"
-            )
-            give_up.append((payload, reason))
-        else:
-            sending.append(payload)
-    rejections = await broker.process(sending)
+    sending, give_up = _triage(batch, options, ctx.clock.now_ms())
+    published, broken = await isolate(broker.process, sending, "payler cannot publish it")
+    rejections = [r for part in published for r in part]
     fault_point("after-publish")
+    give_up += broken
     by_id = {p.id: p for p in sending}
-    retry = []
+    retry: list[Rejection] = []
     for rejection in rejections:
         payload = by_id[rejection.payload_id]
         if rejection.permanent and not options.retry_unroutable:
@@ -204,12 +255,68 @@ async def deliver(
             )
         else:
             retry.append(Rejection(rejection.payload_id, rejection.reason))
+    retry += await _dead_letter_due(give_up, broker, options, ctx)
+    ctx.metrics.incr("delivered", len(sending) - len(rejections) - len(broken))
+    ctx.metrics.incr("retried", sum(1 for r in retry if not r.permanent))
+    return retry
+
+
+def _triage(
+    batch: Sequence[Payload], options: WatchStorageOptions, now_ms: int
+) -> tuple[list[Payload], list[tuple[Payload, str]]]:
+    """The payloads to publish, and those to dead-letter at once (with the reason)."""
+    give_up: list[tuple[Payload, str]] = []
+    sending = []
+    for payload in batch:
+        late_ms = now_ms - payload.due_ms
+        if payload.defect is not None:
+            give_up.append((payload, payload.defect))
+        elif payload.attempts >= options.max_attempts:
+            give_up.append(
+                (payload, f"gave up after {payload.attempts} attempts: {payload.last_error}")
+            )
+        elif options.max_lateness_ms is not None and late_ms > options.max_lateness_ms:
+            reason = (
+                f"missed its due time by {late_ms} ms (max_lateness_ms {options.max_lateness_ms})"
+            )
+            give_up.append((payload, reason))
+        else:
+            sending.append(payload)
+    return sending, give_up
+
+
+async def _dead_letter_due(
+    give_up: Sequence[tuple[Payload, str]],
+    broker: Broker,
+    options: WatchStorageOptions,
+    ctx: WorkflowContext,
+) -> list[Rejection]:
+    """Dead-letter spool entries; return what to retry (refused for now) and what to park as
+    dead in the spool (refused for good: permanent rejections)."""
     for payload, reason in give_up:
         ctx.log.warning("dead-lettering payload %s: %s", payload.id, reason)
-    await broker.dead_letter(give_up, options.dead_letter_queue)
-    ctx.metrics.incr("delivered", len(sending) - len(rejections))
-    ctx.metrics.incr("retried", len(retry))
-    return retry
+    try:
+        refused = await broker.dead_letter(give_up, options.dead_letter_queue)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        # The outcome of these dead letters is unknown: retry them (they may arrive twice).
+        # The published payloads are settled all the same: they must not be published again.
+        refused = [Rejection(p.id, f"dead-lettering failed: {describe(exc)}") for p, _ in give_up]
+    reasons = {p.id: reason for p, reason in give_up}
+    outcome = []
+    for rejection in refused:
+        if rejection.permanent:
+            ctx.log.error(
+                "payload %s: the dead-letter destination %r refused it (%s): parked in the "
+                "spool as dead",
+                rejection.payload_id, options.dead_letter_queue, rejection.reason,
+            )  # fmt: skip
+            reason = f"{reasons[rejection.payload_id]}; {rejection.reason}"
+            outcome.append(Rejection(rejection.payload_id, reason, permanent=True))
+        else:
+            outcome.append(rejection)
+    return outcome
 
 
 async def forward(ctx: WorkflowContext) -> None:
@@ -254,21 +361,39 @@ async def relay(
     dead_letter_queue: str,
     ctx: WorkflowContext,
 ) -> list[Rejection]:
-    """Publish one batch to ``destination``; dead-letter what it refuses for good there."""
+    """Publish one batch to ``destination``; dead-letter what it refuses for good there.
+
+    What the destination refuses for now, and what the dead-letter destination refuses (there
+    is no spool to park it in), goes back to the source, which hands it over again later.
+    """
     routed, give_up = [], []
     for payload in batch:
+        if payload.defect is not None:
+            give_up.append((payload, payload.defect))
+            continue
         try:
             target = route(payload.headers, rules)
         except InvalidSchedule as exc:
             give_up.append((payload, exc.reason))
             continue
         routed.append(payload.model_copy(update={"destination": target}))
-    rejections = await destination.process(routed)
+    published, broken = await isolate(destination.process, routed, "payler cannot publish it")
+    rejections = [r for part in published for r in part]
+    give_up += broken
     by_id = {p.id: p for p in routed}
     give_up += [(by_id[r.payload_id], r.reason) for r in rejections if r.permanent]
     for payload, reason in give_up:
         ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
-    await destination.dead_letter(give_up, dead_letter_queue)
-    ctx.metrics.incr("delivered", len(routed) - len(rejections))
-    # What the destination refused for now goes back to the source, to come again.
-    return [r for r in rejections if not r.permanent]
+    refused = await destination.dead_letter(give_up, dead_letter_queue)
+    for rejection in refused:
+        if rejection.permanent:
+            ctx.log.error(
+                "message %s stays in the source: the dead-letter destination %r refused it "
+                "(%s)",
+                rejection.payload_id, dead_letter_queue, rejection.reason,
+            )  # fmt: skip
+    ctx.metrics.incr("delivered", len(routed) - len(rejections) - len(broken))
+    # What the destination refused for now goes back to the source, to come again; so does
+    # what the dead-letter destination refused (without a spool, the source keeps it).
+    back = [r for r in rejections if not r.permanent]
+    return back + [Rejection(r.payload_id, r.reason) for r in refused]

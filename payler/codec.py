@@ -19,10 +19,15 @@ _DECIMAL = "__decimal__"
 #: Wraps a table that itself has one key named like a tag, so it is not read as a tagged value.
 _TABLE = "__table__"
 _TAGS = frozenset({_BYTES, _DATETIME, _DECIMAL, _TABLE})
+#: How deeply header values may nest (tables in lists in tables...): deeper input is refused
+#: with a clear error, never a RecursionError.
+MAX_DEPTH = 64
 
 
-def to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any, _depth: int = 0) -> Any:
     """Turn a header value into plain JSON types, tagging the ones JSON lacks."""
+    if _depth > MAX_DEPTH:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep")
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
@@ -32,37 +37,84 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return {_DECIMAL: str(value)}
     if isinstance(value, dict):
-        table = {str(k): to_jsonable(v) for k, v in value.items()}
+        table = {str(k): to_jsonable(v, _depth + 1) for k, v in value.items()}
         return {_TABLE: table} if len(table) == 1 and next(iter(table)) in _TAGS else table
     if isinstance(value, list | tuple | set | frozenset):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, _depth + 1) for v in value]
     raise TypeError(f"a header value of type {type(value).__name__} cannot be stored")
 
 
-def from_jsonable(value: Any) -> Any:
-    """Inverse of :func:`to_jsonable`."""
+def from_jsonable(value: Any, _depth: int = 0) -> Any:
+    """Inverse of :func:`to_jsonable`; ``ValueError`` on a value it did not make (a tag holding
+    the wrong type, a nesting deeper than :data:`MAX_DEPTH`), never another exception."""
+    if _depth > MAX_DEPTH:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, list):
-        return [from_jsonable(v) for v in value]
+        return [from_jsonable(v, _depth + 1) for v in value]
     if isinstance(value, dict):
         if len(value) == 1:
             ((tag, inner),) = value.items()
-            if tag == _BYTES:
-                return base64.b64decode(inner)
-            if tag == _DATETIME:
-                return datetime.fromisoformat(inner)
-            if tag == _DECIMAL:
-                return Decimal(inner)
-            if tag == _TABLE:
-                return {k: from_jsonable(v) for k, v in inner.items()}
-        return {k: from_jsonable(v) for k, v in value.items()}
+            if tag in _TAGS:
+                return _untag(tag, inner, _depth)
+        return {k: from_jsonable(v, _depth + 1) for k, v in value.items()}
     return value
 
 
+def _untag(tag: str, inner: Any, depth: int) -> Any:
+    if tag == _TABLE:
+        if not isinstance(inner, dict):
+            raise ValueError(f"a header value tagged {tag!r} holds {type(inner).__name__}")
+        return {k: from_jsonable(v, depth + 1) for k, v in inner.items()}
+    if not isinstance(inner, str):
+        raise ValueError(f"a header value tagged {tag!r} holds {type(inner).__name__}, not text")
+    try:
+        if tag == _BYTES:
+            return base64.b64decode(inner, validate=True)
+        if tag == _DATETIME:
+            return datetime.fromisoformat(inner)
+        if tag == _DECIMAL:
+            return Decimal(inner)
+    except (ValueError, ArithmeticError) as exc:  # binascii.Error is a ValueError
+        raise ValueError(f"a header value tagged {tag!r} is malformed ({inner[:40]!r})") from exc
+    raise AssertionError(f"unknown tag {tag!r}")  # _TAGS and this function list the same tags
+
+
 def dumps(value: Any) -> str:
-    """Compact, lossless JSON text of ``value``."""
-    return json.dumps(to_jsonable(value), separators=(",", ":"), ensure_ascii=False)
+    """Compact, lossless JSON text of ``value``; ``ValueError`` if it cannot be stored.
+
+    The text is always valid UTF-8: a string holding a lone surrogate (what a JSON producer
+    writes for a string cut inside an emoji, ``"\\ud83d"``) is refused here, not by a storage
+    or a broker later.
+    """
+    try:
+        text = json.dumps(to_jsonable(value), separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep") from None
+    _check_utf8(text)
+    return text
 
 
 def loads(text: str | bytes) -> Any:
-    """Inverse of :func:`dumps`."""
-    return from_jsonable(json.loads(text))
+    """Inverse of :func:`dumps`; ``ValueError`` on anything it did not make."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text: {exc.reason}") from None
+    # A lone surrogate can only come from an escape: the costly check runs only when one is there.
+    escaped = b"\\ud" in text.lower() if isinstance(text, bytes) else "\\ud" in text.lower()
+    if escaped:
+        _check_utf8(json.dumps(value, ensure_ascii=False))
+    return from_jsonable(value)
+
+
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = text[max(0, exc.start - 20) : exc.start].encode("utf-8", "replace").decode()
+        raise ValueError(
+            f"a header holds a lone UTF-16 surrogate ({text[exc.start]!r} after {where!r}), "
+            "which is not text: it cannot be stored or sent"
+        ) from None

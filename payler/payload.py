@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from payler import codec
 
+#: On a spool entry whose metadata cannot be read: that metadata, raw, for the dead letter.
+STORED_META = "x-payler-stored-meta"
+
 
 class MessageProperties(BaseModel):
     """The broker-independent message properties that payler carries through the spool.
@@ -53,6 +56,10 @@ class Payload(BaseModel):
     last_error: str | None = None
     #: The message key where the broker has one (Kafka's record key, kept for per-key ordering).
     key: bytes | None = None
+    #: Set by a source when the message could not be decoded or validated: why. Such a payload
+    #: carries what could be read of the message (its raw body, always) and is only ever
+    #: dead-lettered, never stored or delivered. Not stored: a spool entry never has one.
+    defect: str | None = Field(default=None, exclude=True)
 
     def meta_json(self) -> str:
         """Headers, properties, source and key as one lossless JSON text (for storages)."""
@@ -78,18 +85,35 @@ class Payload(BaseModel):
         attempts: int,
         last_error: str | None,
     ) -> Payload:
-        """Rebuild a payload from the columns a storage keeps."""
-        meta = codec.loads(meta_json)
-        return cls(
-            id=id,
-            body=bytes(body),
-            headers=meta.get("headers", {}),
-            properties=MessageProperties(**meta.get("properties", {})),
-            source=meta.get("source", ""),
-            key=meta.get("key"),
-            destination=destination,
-            due_ms=due_ms,
-            created_ms=created_ms,
-            attempts=attempts,
-            last_error=last_error,
-        )
+        """Rebuild a payload from the columns a storage keeps.
+
+        Never raises for what the metadata holds: an entry whose metadata cannot be read (written
+        by hand, or by a payler with a bug) comes back with a ``defect`` and its raw metadata in
+        the header :data:`STORED_META`, so that it is dead-lettered instead of failing every claim.
+        """
+        columns: dict[str, Any] = {
+            "id": id,
+            "body": bytes(body),
+            "destination": destination,
+            "due_ms": due_ms,
+            "created_ms": created_ms,
+            "attempts": attempts,
+            "last_error": last_error,
+        }
+        try:
+            meta = codec.loads(meta_json)
+            return cls(
+                **columns,
+                headers=meta.get("headers", {}),
+                properties=MessageProperties(**meta.get("properties", {})),
+                source=meta.get("source", ""),
+                key=meta.get("key"),
+            )
+        except (ValueError, TypeError, AttributeError) as exc:  # pydantic's errors are ValueErrors
+            raw = meta_json if isinstance(meta_json, str) else meta_json.decode("utf-8", "replace")
+            reason = " ".join(str(exc).split())[:300]
+            return cls(
+                **columns,
+                headers={STORED_META: raw.encode("utf-8", "replace")[:65_536]},
+                defect=f"the spool entry's metadata cannot be read: {reason}",
+            )

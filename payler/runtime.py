@@ -3,8 +3,12 @@
 - All workflows run in one :class:`asyncio.TaskGroup`.
 - Start-up: each workflow calls ``ctx.ready()`` once connected. If one fails before, the runtime
   stops the others and raises :class:`~payler.errors.StartupError` (the CLI exits 2).
-- Running: a workflow that fails with a transient error (a lost connection) is restarted after a
-  backoff (1 s, doubling, at most 30 s); any other error is a bug and ends the runtime.
+- Running: a workflow that fails once it has started is restarted after a backoff (0.5 s,
+  doubling, at most :data:`RESTART_BACKOFF`'s cap, with jitter; back to the start once the workflow
+  ran well for :data:`HEALTHY_RUN_MS`). A transient error (a lost connection) is logged in one
+  line; anything else is logged with its traceback, as the bug it is — but it never stops the
+  other workflows: only a start-up failure or a configuration error ends the daemon. (One bad
+  message cannot make a workflow fail: the workflows dead-letter it alone.)
 - Stopping: :meth:`Runtime.run`'s ``stop`` event (set by the CLI on SIGINT/SIGTERM) is passed to
   every workflow; they finish their work in hand and return. Whatever is still running after
   ``shutdown_grace_seconds`` is cancelled: safe, since nothing is acknowledged before it is stored.
@@ -18,16 +22,20 @@ import contextlib
 import inspect
 import logging
 
+from payler.backoff import Backoff
 from payler.clock import Clock, SystemClock
 from payler.config import Loaded, LoadedWorkflow
 from payler.errors import ConfigError, StartupError, is_transient
+from payler.isolation import describe
 from payler.workflow import WorkflowContext
 
 log = logging.getLogger("payler.runtime")
 
-RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: How long a failed workflow waits before it is restarted: short enough that a broker back from
+#: a restart is used again within seconds, long enough that a failing one cannot spin.
+RESTART_BACKOFF = Backoff(base_s=0.5, max_s=5.0)
 #: A run that lasted this long resets the backoff: the next failure is a new outage.
-HEALTHY_RUN_MS = 60_000
+HEALTHY_RUN_MS = 30_000
 
 
 class Runtime:
@@ -124,22 +132,21 @@ class Runtime:
                 # Once a workflow has run, failing to reconnect is an outage to wait out, not
                 # a start-up failure: the broker may be restarting.
                 transient = isinstance(exc, StartupError) or is_transient(exc)
-                if not transient:
-                    raise
                 if ctx.stopping:  # the broker went away as we stopped: nothing left to do
                     log.warning("workflow %r: %s while stopping", ctx.name, exc)
                     return
                 if self.clock.now_ms() - started_ms > HEALTHY_RUN_MS:
                     attempt = 0  # it ran well for a while: this is a new outage
-                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                delay = RESTART_BACKOFF.delay_s(attempt)
                 attempt += 1
                 ctx.metrics.incr("restarts")
-                log.warning(
-                    "workflow %r failed (%s: %s); restarting in %.0f s",
+                log.log(
+                    logging.WARNING if transient else logging.ERROR,
+                    "workflow %r failed (%s); restarting in %.1f s",
                     ctx.name,
-                    type(exc).__name__,
-                    exc,
+                    describe(exc),
                     delay,
+                    exc_info=None if transient else exc,
                 )
                 await _sleep_unless(ctx.stop, delay, self.clock)
                 if ctx.stopping:

@@ -28,9 +28,18 @@ async def flaky(ctx: WorkflowContext) -> None:
     await ctx.stop.wait()
 
 
+#: Set when ``buggy`` starts its third run.
+buggy_third_run = asyncio.Event()
+
+
 async def buggy(ctx: WorkflowContext) -> None:
+    """Ready, then hits a bug twice; the third run waits for stop."""
+    calls["buggy"] = calls.get("buggy", 0) + 1
     ctx.ready()
-    raise ZeroDivisionError("a bug")
+    if calls["buggy"] < 3:
+        raise ZeroDivisionError("a bug")
+    buggy_third_run.set()
+    await ctx.stop.wait()
 
 
 async def stubborn(ctx: WorkflowContext) -> None:

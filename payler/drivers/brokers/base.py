@@ -8,23 +8,44 @@ queue (``serve``) and, as a destination, publishes each payload to ``payload.des
 delayed twice.
 
 Payloads a broker's ``serve`` produces are fresh from the source: their ``destination`` is empty
-and their ``due_ms`` is the time they were received; the workflow schedules them.
+and their ``due_ms`` is the time they were received; the workflow schedules them. A message that
+cannot be decoded still comes out, as a payload whose ``defect`` says why (its raw body kept):
+one bad message can only ever be dead-lettered, never stop the source.
+
+Publishing, for a delivery or a dead letter, goes through one hook, :meth:`Broker._publish`: it
+returns the payloads the broker refused (permanently: never accepted as it is; or for now) and
+raises only when the outcome of the whole batch is unknown (the connection was lost).
+
+**A dead letter always fits.** :meth:`Broker.dead_letter` publishes a copy with the headers
+intact plus the reason; when the destination refuses that copy for good (too large for a
+record or a frame, a header it cannot carry), a *minimal* copy goes instead: no body, the
+reason, the source, the message and correlation ids, the sizes of what was dropped, and
+``x-payler-dead-letter-truncated``. What is refused even then is returned to the caller, who
+parks it in the spool (a workflow with a spool) or keeps it at the source.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from payler.clock import Clock, SystemClock
-from payler.drivers.base import BaseDriver
+from payler.drivers.base import BaseDriver, Rejection
 from payler.metrics import Metrics
-from payler.payload import Payload
+from payler.payload import MessageProperties, Payload
+from payler.scheduling import without_scheduling_headers
 
 #: Headers added to a dead-lettered message: why, from where, and when (epoch ms).
 DEAD_LETTER_REASON = "x-payler-dead-letter-reason"
 DEAD_LETTER_SOURCE = "x-payler-dead-letter-source"
 DEAD_LETTERED_AT = "x-payler-dead-lettered-at"
+#: On a minimal dead letter (the full copy was refused): what was dropped, and why.
+DEAD_LETTER_TRUNCATED = "x-payler-dead-letter-truncated"
+#: On a minimal dead letter: the payload's spool id (where the source gave one, its position).
+DEAD_LETTER_ID = "x-payler-dead-letter-id"
+#: Reasons are cut to this many characters: a dead letter's own headers must stay small.
+MAX_REASON_CHARS = 1000
 
 
 class Broker(BaseDriver):
@@ -53,12 +74,75 @@ class Broker(BaseDriver):
     async def ensure_queue(self, name: str) -> None:
         """Make sure queue ``name`` exists: use it as it is, or declare it durable if missing."""
 
-    @abstractmethod
-    async def dead_letter(self, items: Sequence[tuple[Payload, str]], queue: str) -> None:
-        """Publish each payload, headers intact plus the reason, to dead-letter ``queue``.
+    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+        """Publish each payload to its destination, without its scheduling headers."""
+        if not batch:
+            return []
+        return await self._publish(
+            [(p, without_scheduling_headers(p.headers)) for p in batch], dead_letters=False
+        )
 
-        Returns once the broker confirmed all; raises :class:`~payler.errors.TransientError`
-        otherwise (the caller must then not acknowledge the originals).
+    async def dead_letter(
+        self, items: Sequence[tuple[Payload, str]], queue: str
+    ) -> list[Rejection]:
+        """Publish a dead-letter copy of each payload to ``queue``, with the reason.
+
+        The copy has the body, properties and headers (scheduling headers included) plus
+        :data:`DEAD_LETTER_REASON`, :data:`DEAD_LETTER_SOURCE` and :data:`DEAD_LETTERED_AT`. A
+        copy refused for good is replaced by a minimal one (see the module docstring).
+
+        Returns the payloads that are *not* dead-lettered: ``permanent`` when even the minimal
+        copy was refused (the caller must keep the message some other way: park it in the
+        spool), else refused for now (retry later, with backoff). Raises
+        :class:`~payler.errors.TransientError` only when the outcome is unknown (connection
+        lost): then the caller must not settle the originals.
+        """
+        if not items:
+            return []
+        now_ms = self.clock.now_ms()
+        reasons = {p.id: reason[:MAX_REASON_CHARS] for p, reason in items}
+        copies = [
+            (
+                p.model_copy(update={"destination": queue}),
+                dead_letter_headers(p, reasons[p.id], now_ms),
+            )
+            for p, _ in items
+        ]
+        refused = {r.payload_id: r for r in await self._publish(copies, dead_letters=True)}
+        if any(r.permanent for r in refused.values()):
+            minimal = [
+                minimal_dead_letter(p, reasons[p.id], refused[p.id].reason, now_ms, queue)
+                for p, _ in items
+                if p.id in refused and refused[p.id].permanent
+            ]
+            again = {r.payload_id: r for r in await self._publish(minimal, dead_letters=True)}
+            for payload_id in [i for i, r in refused.items() if r.permanent]:
+                if payload_id in again:
+                    first = refused[payload_id].reason
+                    refused[payload_id] = Rejection(
+                        payload_id,
+                        f"the dead-letter destination {queue!r} refused the message "
+                        f"({first}) and a minimal copy of it ({again[payload_id].reason})",
+                        again[payload_id].permanent,
+                    )
+                else:
+                    del refused[payload_id]
+        self.metrics.incr("dead_lettered", len(items) - len(refused))
+        return list(refused.values())
+
+    @abstractmethod
+    async def _publish(
+        self, items: Sequence[tuple[Payload, Mapping[str, Any]]], *, dead_letters: bool
+    ) -> list[Rejection]:
+        """Publish each payload to ``payload.destination`` with the given headers (in place of
+        ``payload.headers``), confirmed and mandatory; the sends of a batch are pipelined.
+
+        ``dead_letters``: these are dead-letter copies (RabbitMQ publishes them to the default
+        exchange, whatever the broker's ``exchange``). Returns the rejections, one per payload
+        refused, ``permanent`` when the broker will never take it as it is (too large,
+        unroutable, a header it cannot carry: checked per payload before sending, so that one
+        bad payload never fails the batch or the connection). Raises
+        :class:`~payler.errors.TransientError` when the outcome is unknown.
         """
 
 
@@ -70,3 +154,45 @@ def dead_letter_headers(payload: Payload, reason: str, now_ms: int) -> dict[str,
         DEAD_LETTER_SOURCE: payload.source,
         DEAD_LETTERED_AT: now_ms,
     }
+
+
+def minimal_dead_letter(
+    payload: Payload, reason: str, refusal: str, now_ms: int, queue: str
+) -> tuple[Payload, dict[str, object]]:
+    """A dead-letter copy small enough for any destination: no body, no custom headers.
+
+    It keeps what finds the message again: the reason, the source, the spool id, the message
+    and correlation ids (as the broker's own properties), and says what was dropped and why.
+    """
+    props = payload.properties
+    dropped = (
+        f"body of {len(payload.body)} bytes and {len(payload.headers)} headers dropped: "
+        f"the full copy was refused ({refusal[:300]})"
+    )
+    copy = payload.model_copy(
+        update={
+            "destination": queue,
+            "body": b"",
+            "headers": {},
+            "key": payload.key if payload.key is not None and len(payload.key) <= 255 else None,
+            "properties": MessageProperties(
+                message_id=_short(props.message_id),
+                correlation_id=_short(props.correlation_id),
+                timestamp_ms=props.timestamp_ms,
+                delivery_mode=props.delivery_mode,
+            ),
+        }
+    )
+    headers: dict[str, object] = {
+        DEAD_LETTER_REASON: reason[:MAX_REASON_CHARS],
+        DEAD_LETTER_SOURCE: payload.source[:255],
+        DEAD_LETTERED_AT: now_ms,
+        DEAD_LETTER_ID: payload.id[:512],
+        DEAD_LETTER_TRUNCATED: dropped,
+    }
+    return copy, headers
+
+
+def _short(value: str | None) -> str | None:
+    """A property value that fits an AMQP short string (255 bytes), else none."""
+    return value if value is not None and len(value.encode("utf-8", "replace")) <= 255 else None

@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -60,11 +60,10 @@ from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 
 from payler.drivers.base import Handler, Rejection
-from payler.drivers.brokers.base import Broker, dead_letter_headers
+from payler.drivers.brokers.base import Broker
 from payler.drivers.brokers.mapping import TYPED_HEADERS, from_kafka_headers, to_kafka_headers
 from payler.errors import ConfigError, StartupError, TransientError
 from payler.payload import Payload
-from payler.scheduling import without_scheduling_headers
 from payler.urls import mask_url, redact
 
 log = logging.getLogger("payler.kafka")
@@ -296,20 +295,23 @@ class KafkaBroker(Broker):
 
     # -- as a destination ----------------------------------------------------------------------
 
-    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+    async def _publish(
+        self, items: Sequence[tuple[Payload, Mapping[str, Any]]], *, dead_letters: bool
+    ) -> list[Rejection]:
         rejections: list[Rejection] = []
         sent: list[tuple[Payload, asyncio.Future[Any]]] = []
         missing: dict[str, str] = {}  # topic → why it cannot be published to
-        for payload in batch:
+        for payload, headers in items:
             topic = payload.destination
             reason = missing.get(topic) or _invalid_topic(topic)
             if reason is None:
-                headers = without_scheduling_headers(payload.headers)
                 try:
                     sent.append((payload, await self._send(topic, payload, headers)))
                     continue
                 except _REFUSED as exc:
                     reason = f"Kafka refuses it: {_describe(exc)}"
+                except (TypeError, ValueError) as exc:  # a header value Kafka cannot carry
+                    reason = f"cannot encode for Kafka: {exc}"
                 except kafka_errors.UnknownTopicOrPartitionError as exc:
                     reason = missing[topic] = await self._missing_topic(topic, exc)
             rejections.append(Rejection(payload.id, reason, permanent=True))
@@ -324,27 +326,7 @@ class KafkaBroker(Broker):
                 raise result
         return rejections
 
-    async def dead_letter(self, items: Sequence[tuple[Payload, str]], queue: str) -> None:
-        if not items:
-            return
-        now_ms = self.clock.now_ms()
-        try:
-            futures = [
-                await self._send(queue, p, dead_letter_headers(p, reason, now_ms))
-                for p, reason in items
-            ]
-            results = await asyncio.gather(*futures, return_exceptions=True)
-        except kafka_errors.KafkaError as exc:
-            results = [exc]
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise TransientError(
-                f"dead-lettering {len(items)} messages to topic {queue!r} failed: "
-                f"{_describe(failures[0])}"
-            ) from failures[0]
-        self.metrics.incr("dead_lettered", len(items))
-
-    async def _send(self, topic: str, payload: Payload, headers: dict[str, Any]) -> Any:
+    async def _send(self, topic: str, payload: Payload, headers: Mapping[str, Any]) -> Any:
         """Queue one record; the future it returns resolves when the broker has it."""
         producer, _ = self._connected()
         try:

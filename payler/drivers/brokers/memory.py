@@ -11,29 +11,38 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from payler.drivers.base import Handler, Rejection
-from payler.drivers.brokers.base import Broker, dead_letter_headers
+from payler.drivers.brokers.base import Broker
 from payler.payload import Payload
-from payler.scheduling import without_scheduling_headers
 
 
 class _Queues:
     def __init__(self) -> None:
         self.messages: dict[str, deque[Payload]] = {}
         self.changed = asyncio.Event()
+        self.refuse: dict[str, Callable[[Payload], str | None]] = {}
 
 
 _brokers: dict[str, _Queues] = {}
 
 
 class MemoryBroker(Broker):
-    """A broker in this process (see the module docstring)."""
+    """A broker in this process (see the module docstring).
+
+    ``refuse`` lets a test make a destination refuse payloads for good: destination name →
+    a function of the payload giving the reason (``{"dlq": lambda p: "too large"}``), or
+    ``None`` from that function to take the payload after all.
+    """
+
+    refuse: dict[str, Callable[[Payload], str | None]]
 
     async def connect(self) -> None:
         name = self.url.partition("://")[2] or "default"
         self._queues = _brokers.setdefault(name, _Queues())
+        self.refuse = self._queues.refuse
 
     async def close(self) -> None:
         pass
@@ -95,23 +104,22 @@ class MemoryBroker(Broker):
             requeue = [p for p in batch if p.id in rejections and not rejections[p.id].permanent]
             pending.extendleft(reversed(requeue))
 
-    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+    async def _publish(
+        self, items: Sequence[tuple[Payload, Mapping[str, Any]]], *, dead_letters: bool
+    ) -> list[Rejection]:
         rejections = []
-        for payload in batch:
+        for payload, headers in items:
             queue = self._queues.messages.get(payload.destination)
-            if queue is None:
+            if queue is None and not dead_letters:
                 reason = f"unroutable: no queue is bound to {payload.destination!r} (NO_ROUTE 312)"
                 rejections.append(Rejection(payload.id, reason, permanent=True))
                 continue
-            queue.append(
-                payload.model_copy(update={"headers": without_scheduling_headers(payload.headers)})
-            )
+            refusal = self.refuse.get(payload.destination)
+            refused = refusal(payload) if refusal is not None else None
+            if refused is not None:
+                rejections.append(Rejection(payload.id, refused, permanent=True))
+                continue
+            queue = self._queues.messages.setdefault(payload.destination, deque())
+            queue.append(payload.model_copy(update={"headers": dict(headers)}))
         self._queues.changed.set()
         return rejections
-
-    async def dead_letter(self, items: Sequence[tuple[Payload, str]], queue: str) -> None:
-        now_ms = self.clock.now_ms()
-        for payload, reason in items:
-            headers = dead_letter_headers(payload, reason, now_ms)
-            self.publish(queue, payload.model_copy(update={"headers": headers}))
-        self.metrics.incr("dead_lettered", len(items))

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,11 +40,10 @@ from aio_pika.abc import (
 
 from payler import codec
 from payler.drivers.base import Handler, Rejection
-from payler.drivers.brokers.base import Broker, dead_letter_headers
+from payler.drivers.brokers.base import Broker
 from payler.errors import StartupError, TransientError
 from payler.identity import spool_id
 from payler.payload import MessageProperties, Payload
-from payler.scheduling import without_scheduling_headers
 from payler.urls import mask_url, redact
 
 log = logging.getLogger("payler.rabbitmq")
@@ -213,13 +212,15 @@ class RabbitMQBroker(Broker):
 
     # -- as a destination ----------------------------------------------------------------------
 
-    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
-        exchange = await self._exchange(self.exchange)
+    async def _publish(
+        self, items: Sequence[tuple[Payload, Mapping[str, Any]]], *, dead_letters: bool
+    ) -> list[Rejection]:
+        exchange = await self._exchange("" if dead_letters else self.exchange)
         rejections, ready = [], []
-        for payload in batch:
+        for payload, headers in items:
             try:
-                message = _encode(payload, without_scheduling_headers(payload.headers))
                 _check_routing_key(payload.destination)
+                message = (_dead_letter_message if dead_letters else _encode)(payload, headers)
             except (TypeError, ValueError, OverflowError, struct.error) as exc:
                 # A value AMQP cannot carry: retrying cannot help.
                 rejections.append(Rejection(payload.id, f"cannot encode for AMQP: {exc}", True))
@@ -252,26 +253,6 @@ class RabbitMQBroker(Broker):
             else:
                 raise result
         return rejections
-
-    async def dead_letter(self, items: Sequence[tuple[Payload, str]], queue: str) -> None:
-        if not items:
-            return
-        exchange = await self._exchange("")
-        now_ms = self.clock.now_ms()
-        results = await asyncio.gather(
-            *(
-                exchange.publish(_dead_letter_message(p, reason, now_ms), queue)
-                for p, reason in items
-            ),
-            return_exceptions=True,
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise TransientError(
-                f"dead-lettering {len(failures)} of {len(items)} messages to {queue!r} failed: "
-                f"{_describe(failures[0])}"
-            ) from failures[0]
-        self.metrics.incr("dead_lettered", len(items))
 
     async def _exchange(self, name: str) -> AbstractExchange:
         if self._publish_channel is None:
@@ -339,8 +320,7 @@ def _check_routing_key(destination: str) -> None:
         )
 
 
-def _dead_letter_message(payload: Payload, reason: str, now_ms: int) -> aio_pika.Message:
-    headers = dead_letter_headers(payload, reason, now_ms)
+def _dead_letter_message(payload: Payload, headers: Mapping[str, Any]) -> aio_pika.Message:
     try:
         return _encode(payload, headers)
     except (TypeError, ValueError, OverflowError, struct.error):
@@ -349,10 +329,10 @@ def _dead_letter_message(payload: Payload, reason: str, now_ms: int) -> aio_pika
         return _encode(payload, {**kept, ORIGINAL_HEADERS: codec.dumps(payload.headers)})
 
 
-def _encode(payload: Payload, headers: dict[str, Any]) -> aio_pika.Message:
+def _encode(payload: Payload, headers: Mapping[str, Any]) -> aio_pika.Message:
     """The AMQP message for ``payload`` with ``headers``; an error if a value cannot be sent."""
     props = payload.properties
-    table = _amqp_table(headers)
+    table = _amqp_table(dict(headers))
     # Encoded once here, so that a value AMQP cannot carry (an integer beyond 64 bits, say) is
     # refused for this payload alone, not discovered by the publish, failing the whole batch.
     pamqp.encode.field_table(table)

@@ -68,12 +68,11 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from payler.drivers.base import Handler, Rejection
-from payler.drivers.brokers.base import Broker, dead_letter_headers
+from payler.drivers.brokers.base import Broker
 from payler.drivers.brokers.mapping import from_stream_fields, to_stream_fields
 from payler.errors import ConfigError, StartupError, TransientError
 from payler.identity import spool_id
 from payler.payload import MessageProperties, Payload
-from payler.scheduling import without_scheduling_headers
 from payler.urls import mask_url
 
 log = logging.getLogger("payler.redis_streams")
@@ -324,23 +323,25 @@ class RedisStreamsBroker(Broker):
 
     # -- as a destination ----------------------------------------------------------------------
 
-    async def process(self, batch: Sequence[Payload]) -> list[Rejection]:
+    async def _publish(
+        self, items: Sequence[tuple[Payload, Mapping[str, Any]]], *, dead_letters: bool
+    ) -> list[Rejection]:
         rejections: list[Rejection] = []
         sending: list[Payload] = []
         pipe = self.client.pipeline(transaction=False)
-        for payload in batch:
+        for payload, headers in items:
             if not payload.destination:
                 rejections.append(Rejection(payload.id, "no destination stream", permanent=True))
                 continue
             try:
-                fields: dict[Any, Any] = to_stream_fields(
-                    payload, without_scheduling_headers(payload.headers)
-                )
+                fields: dict[Any, Any] = to_stream_fields(payload, headers)
             except (TypeError, ValueError) as exc:  # a header value JSON cannot carry
                 reason = f"cannot encode for a Redis stream: {exc}"
                 rejections.append(Rejection(payload.id, reason, permanent=True))
                 continue
-            pipe.xadd(payload.destination, fields, maxlen=self.settings.maxlen)
+            # Dead letters are never trimmed away: they are what an operator has to look at.
+            maxlen = None if dead_letters else self.settings.maxlen
+            pipe.xadd(payload.destination, fields, maxlen=maxlen)
             sending.append(payload)
         if not sending:
             return rejections
@@ -354,26 +355,6 @@ class RedisStreamsBroker(Broker):
             elif isinstance(result, BaseException):
                 raise TransientError(f"Redis streams: publishing: {result}") from result
         return rejections
-
-    async def dead_letter(self, items: Sequence[tuple[Payload, str]], queue: str) -> None:
-        if not items:
-            return
-        now_ms = self.clock.now_ms()
-        pipe = self.client.pipeline(transaction=False)
-        for payload, reason in items:
-            fields: dict[Any, Any] = to_stream_fields(
-                payload, dead_letter_headers(payload, reason, now_ms)
-            )
-            pipe.xadd(queue, fields)
-        with _transient(f"dead-lettering to {queue!r}"):
-            results = await pipe.execute(raise_on_error=False)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise TransientError(
-                f"dead-lettering {len(failures)} of {len(items)} messages to stream {queue!r} "
-                f"failed: {failures[0]}"
-            ) from failures[0]
-        self.metrics.incr("dead_lettered", len(items))
 
 
 def _text(value: bytes) -> str | bytes:

@@ -26,6 +26,9 @@ Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
   ``due_ms`` (its new due time) with ``attempts + 1`` and ``last_error = reason``.
 - ``dead_letter(claim, reason)``: under the same token check, parks the entry as ``dead`` with the
   reason: kept for inspection, never claimed again.
+- ``park(items)``: durably stores messages directly as ``dead``, each with its reason: what the
+  dead-letter destination refused even in its minimal form is kept here, never dropped. An id
+  already taken is parked under that id plus a suffix (``!dead-<random>``).
 - ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
 - Admin: ``get``, ``list`` (filters: destination, due range, state; cursor pagination in due order),
   ``count``, ``cancel`` (delete), ``reschedule`` (new due time, lease dropped: a delivery in
@@ -185,6 +188,17 @@ class SpoolStorage(BaseDriver):
         """Park a claimed entry as dead with ``reason``; False if the lease was lost."""
         return await self._dead_letter(claim, reason)
 
+    async def park(self, items: Sequence[tuple[Payload, str]]) -> builtins.list[str]:
+        """Store each payload directly as dead with its reason; return the ids it got."""
+        ids = []
+        for payload, reason in items:
+            entry = payload.model_copy(update={"last_error": reason})
+            if not await self._store([entry], "dead"):  # the id is taken: park it beside
+                entry.id = f"{payload.id}!dead-{new_token()[:12]}"
+                await self._store([entry], "dead")
+            ids.append(entry.id)
+        return ids
+
     async def next_visible_ms(self) -> int | None:
         """The earliest time a pending entry may be claimed; ``None`` when there is none."""
         return await self._next_visible_ms()
@@ -337,7 +351,9 @@ class SpoolStorage(BaseDriver):
     # -- backend hooks ---------------------------------------------------------------------------
 
     @abstractmethod
-    async def _store(self, batch: Sequence[Payload]) -> int: ...
+    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
+        """Insert the entries that are new by id, in ``state`` (``dead``: with the payload's
+        ``last_error`` as reason, never claimed); return how many were new."""
 
     @abstractmethod
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> builtins.list[Claim]: ...

@@ -66,11 +66,11 @@ class MemoryStorage(SpoolStorage):
             return None
         return entry
 
-    async def _store(self, batch: Sequence[Payload]) -> int:
+    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
         new = 0
         for payload in batch:
             if payload.id not in self._entries:
-                self._entries[payload.id] = _Entry(payload, payload.due_ms)
+                self._entries[payload.id] = _Entry(payload, payload.due_ms, state=state)
                 new += 1
         return new
 

@@ -127,9 +127,11 @@ class MongoStorage(SpoolStorage):
     # -- the hooks -------------------------------------------------------------------------------
 
     @_transient
-    async def _store(self, batch: Sequence[Payload]) -> int:
+    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
         try:
-            result = await self._spool.insert_many([_to_doc(p) for p in batch], ordered=False)
+            result = await self._spool.insert_many(
+                [_to_doc(p, state) for p in batch], ordered=False
+            )
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 # Written, but not as durably as the URL asks (w, journal): not yet safe to ack.
@@ -295,13 +297,13 @@ def _filter(destination: str | None, state: EntryState) -> Doc:
     return query
 
 
-def _to_doc(payload: Payload) -> Doc:
+def _to_doc(payload: Payload, state: EntryState = "pending") -> Doc:
     return {
         "_id": payload.id,
         "due_ms": payload.due_ms,
         "visible_ms": payload.due_ms,
         "token": None,
-        "state": "pending",
+        "state": state,
         "destination": payload.destination,
         "attempts": payload.attempts,
         "last_error": payload.last_error,

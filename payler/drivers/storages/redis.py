@@ -99,20 +99,26 @@ local function unbury(id, destination)
 end
 """
 
-# ARGV[4..]: per payload, id, body, meta, destination, due_ms, created_ms, attempts,
-# has_error ('0'/'1'), last_error. An id already stored (pending, dead, or a delivered entry's
-# tombstone) is left as it is.
+# ARGV[4]: the state of the new entries ('pending', or 'dead' to park them); ARGV[5..]: per
+# payload, id, body, meta, destination, due_ms, created_ms, attempts, has_error ('0'/'1'),
+# last_error. An id already stored (pending, dead, or a delivered entry's tombstone) is left as
+# it is.
 _STORE = """
-local new = 0
-for i = 4, #ARGV, 9 do
+local new, state = 0, ARGV[4]
+for i = 5, #ARGV, 9 do
   local id, destination, due = ARGV[i], ARGV[i + 3], ARGV[i + 4]
   local entry = ENTRY .. id
   if redis.call('EXISTS', entry) == 0 and not redis.call('ZSCORE', DELIVERED, id) then
     redis.call('HSET', entry, 'id', id, 'body', ARGV[i + 1], 'meta', ARGV[i + 2],
       'destination', destination, 'due_ms', due, 'visible_ms', due,
-      'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', 'pending')
+      'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', state)
     if ARGV[i + 7] == '1' then redis.call('HSET', entry, 'last_error', ARGV[i + 8]) end
-    pend(id, destination, due)
+    if state == 'dead' then
+      redis.call('ZADD', DEAD, due, id)
+      redis.call('ZADD', DEAD_TO .. destination, due, id)
+    else
+      pend(id, destination, due)
+    end
     new = new + 1
   end
 end
@@ -336,7 +342,7 @@ class RedisStorage(SpoolStorage):
     # -- the hooks -------------------------------------------------------------------------------
 
     @_transient
-    async def _store(self, batch: Sequence[Payload]) -> int:
+    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
         new = 0
         for chunk in _chunks(batch):
             args: list[str | int | bytes] = []
@@ -344,7 +350,7 @@ class RedisStorage(SpoolStorage):
                 error = (0, "") if p.last_error is None else (1, p.last_error)
                 args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
                 args += [p.attempts, *error]
-            new += int(await self._run(self._store_script, *args))
+            new += int(await self._run(self._store_script, state, *args))
         return new
 
     @_transient

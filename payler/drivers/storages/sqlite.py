@@ -132,13 +132,14 @@ class SQLiteStorage(SpoolStorage):
         except sqlite3.OperationalError as exc:
             raise TransientError(f"SQLite spool: {exc}") from exc
 
-    async def _store(self, batch: Sequence[Payload]) -> int:
+    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
         return await self._changes(
-            "INSERT OR IGNORE INTO spool (id, due_ms, visible_ms, destination, attempts,"
-            " last_error, created_ms, body, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO spool (id, state, due_ms, visible_ms, destination, attempts,"
+            " last_error, created_ms, body, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     p.id,
+                    state,
                     p.due_ms,
                     p.due_ms,
                     p.destination,
