@@ -94,13 +94,21 @@ async def spool(
     dead-lettering was refused for now).
     """
     rules = scheduling_rules(options)
-    scheduled, invalid = [], []
+    scheduled, invalid, odd_times = [], [], []
     for payload in batch:
-        outcome = _scheduled(payload, rules, options, storage.max_body_bytes, ctx)
+        outcome = _scheduled(payload, rules, options, broker, storage.max_body_bytes, ctx)
         if isinstance(outcome, str):
             invalid.append((payload, outcome))
-        else:
-            scheduled.append(outcome)
+            continue
+        scheduled.append(outcome[0])
+        if outcome[1]:
+            odd_times.append(payload)
+    if odd_times:
+        ctx.log.warning(
+            "%d message(s) carry an implausible publish time (before 2001, or longer ago than "
+            "max_delay_ms): their delay counts from their receipt instead (first: %s, stamped %s)",
+            len(odd_times), odd_times[0].id, odd_times[0].properties.timestamp_ms,
+        )  # fmt: skip
     stored, unstorable = await isolate(storage.store, scheduled, "the spool cannot store it")
     invalid += unstorable
     new = sum(stored)
@@ -123,10 +131,12 @@ def _scheduled(
     payload: Payload,
     rules: SchedulingRules,
     options: ProcessQueueOptions,
+    broker: Broker,
     limit: int | None,
     ctx: WorkflowContext,
-) -> Payload | str:
-    """``payload`` scheduled for the spool, or why it cannot be (never raises)."""
+) -> tuple[Payload, bool] | str:
+    """``payload`` scheduled for the spool (and whether its publish time was ignored as
+    implausible), or why it cannot be scheduled. Never raises."""
     if payload.defect is not None:
         return payload.defect
     if limit is not None and len(payload.body) > limit:
@@ -137,11 +147,12 @@ def _scheduled(
             received_ms=payload.created_ms,
             published_ms=payload.properties.timestamp_ms,
             rules=rules,
+            timestamp_slack_ms=broker.timestamp_slack_ms,
         )
         update: dict[str, object] = {"due_ms": when.due_ms, "destination": when.destination}
         if options.spool_id == "random" and is_content_id(payload.id):
             update["id"] = random_spool_id(payload.id.partition(":")[0], payload.source)
-        return payload.model_copy(update=update)
+        return payload.model_copy(update=update), when.publish_time_ignored
     except InvalidSchedule as exc:
         return exc.reason
     except Exception as exc:  # a bug in payler, for this message alone

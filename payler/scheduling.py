@@ -35,6 +35,7 @@ SCHEDULING_HEADERS = frozenset({DELAY_HEADER, DELIVER_AT_HEADER, DESTINATION_HEA
 MAX_DESTINATION_BYTES = 255
 #: AMQP timestamps have a resolution of one second: the true publish time lies within the second
 #: after the stamp. Counting from the end of that second never delivers before the due time.
+#: (Kafka records and stream entries are stamped to the millisecond: no slack for them.)
 TIMESTAMP_RESOLUTION_MS = 999
 #: An epoch-milliseconds due time before 2001-09-09 is almost surely seconds sent by mistake.
 _SMALLEST_EPOCH_MS = 1_000_000_000_000
@@ -59,10 +60,15 @@ class SchedulingRules:
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
-    """Where and when one message goes."""
+    """Where and when one message goes.
+
+    ``publish_time_ignored``: the message's publish time was implausible (see
+    :func:`plausible_publish_time`), so its delay counts from its receipt; worth a warning.
+    """
 
     due_ms: int
     destination: str
+    publish_time_ignored: bool = False
 
 
 def schedule(
@@ -71,12 +77,39 @@ def schedule(
     received_ms: int,
     published_ms: int | None,
     rules: SchedulingRules,
+    timestamp_slack_ms: int = TIMESTAMP_RESOLUTION_MS,
 ) -> Schedule:
-    """Read a message's scheduling headers; raise :class:`InvalidSchedule` with the reason."""
-    return Schedule(
-        due_ms=due_time(headers, received_ms=received_ms, published_ms=published_ms, rules=rules),
-        destination=destination(headers, rules),
+    """Read a message's scheduling headers; raise :class:`InvalidSchedule` with the reason.
+
+    ``timestamp_slack_ms`` is how much later than its stamp the message may have been published
+    (the source's timestamp resolution: 999 ms for AMQP's seconds, 0 for milliseconds).
+    """
+    ignored = published_ms is not None and not plausible_publish_time(
+        published_ms, received_ms, rules
     )
+    return Schedule(
+        due_ms=due_time(
+            headers,
+            received_ms=received_ms,
+            published_ms=None if ignored else published_ms,
+            rules=rules,
+            timestamp_slack_ms=timestamp_slack_ms,
+        ),
+        destination=destination(headers, rules),
+        publish_time_ignored=ignored,
+    )
+
+
+def plausible_publish_time(published_ms: int, received_ms: int, rules: SchedulingRules) -> bool:
+    """Whether a delay may count from ``published_ms``.
+
+    A publish time more than ``max_delay_ms`` before the receipt cannot be true for a message
+    still waiting to be delayed (every allowed delay would be over already), and one before 2001
+    is a wrong clock or a wrong unit: counted from, it would make the message early. Such a
+    time is ignored: the delay counts from the receipt. A publish time in the future does no harm
+    (the delay never starts after the receipt).
+    """
+    return published_ms >= _SMALLEST_EPOCH_MS and received_ms - published_ms <= rules.max_delay_ms
 
 
 def due_time(
@@ -85,6 +118,7 @@ def due_time(
     received_ms: int,
     published_ms: int | None,
     rules: SchedulingRules,
+    timestamp_slack_ms: int = TIMESTAMP_RESOLUTION_MS,
 ) -> int:
     """The message's due time, epoch milliseconds."""
     if DELIVER_AT_HEADER in headers:
@@ -110,7 +144,7 @@ def due_time(
         )
     start_ms = received_ms
     if rules.delay_from == "published" and published_ms is not None:
-        start_ms = min(received_ms, published_ms + TIMESTAMP_RESOLUTION_MS)
+        start_ms = min(received_ms, published_ms + timestamp_slack_ms)
     return start_ms + delay_ms
 
 

@@ -366,6 +366,38 @@ def test_delay_from_published_is_never_early_and_not_lengthened_by_a_backlog(
     assert got - (true_publish_ms + delay_ms) <= 999  # late by less than the stamp's resolution
 
 
+def test_millisecond_timestamps_get_no_slack() -> None:
+    # Kafka records and stream entries are stamped to the millisecond: a backlog of 40 ms is
+    # not stretched to the end of a second.
+    got = schedule(
+        {DELAY_HEADER: 1_000},
+        received_ms=RECEIVED,
+        published_ms=RECEIVED - 40,
+        rules=SchedulingRules(),
+        timestamp_slack_ms=0,
+    )
+    assert got.due_ms == RECEIVED - 40 + 1_000
+
+
+@pytest.mark.parametrize(
+    "published_ms",
+    [
+        7_258_118,  # an AMQP timestamp of 2200 read back as milliseconds: 1970
+        0,
+        RECEIVED - 367 * 24 * 3600 * 1000,  # longer ago than any allowed delay
+    ],
+)
+def test_an_implausible_publish_time_never_makes_a_message_early(published_ms: int) -> None:
+    got = schedule(
+        {DELAY_HEADER: 60_000},
+        received_ms=RECEIVED,
+        published_ms=published_ms,
+        rules=SchedulingRules(),
+    )
+    assert got.due_ms == RECEIVED + 60_000  # counted from the receipt instead
+    assert got.publish_time_ignored
+
+
 def test_schedule_combines_due_time_and_destination() -> None:
     rules = SchedulingRules(default_destination="fallback")
     got = schedule(

@@ -51,6 +51,11 @@ MAX_REASON_CHARS = 1000
 class Broker(BaseDriver):
     """A message broker driver (see the module docstring)."""
 
+    #: How much later than its stamped publish time a message may really have been published:
+    #: the resolution of the source's timestamps (0 for millisecond ones; see
+    #: :func:`~payler.scheduling.schedule`).
+    timestamp_slack_ms: int = 0
+
     def __init__(
         self,
         url: str,

@@ -17,6 +17,7 @@ from typing import Any
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import Broker
 from payler.payload import Payload
+from payler.scheduling import TIMESTAMP_RESOLUTION_MS
 
 
 class _Queues:
@@ -38,6 +39,8 @@ class MemoryBroker(Broker):
     """
 
     refuse: dict[str, Callable[[Payload], str | None]]
+    #: Timestamps as RabbitMQ's: whole seconds (the rules payler's core is tested with).
+    timestamp_slack_ms = TIMESTAMP_RESOLUTION_MS
 
     async def connect(self) -> None:
         name = self.url.partition("://")[2] or "default"

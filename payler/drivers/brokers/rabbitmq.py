@@ -44,6 +44,7 @@ from payler.drivers.brokers.base import Broker
 from payler.errors import StartupError, TransientError
 from payler.identity import spool_id
 from payler.payload import MessageProperties, Payload
+from payler.scheduling import TIMESTAMP_RESOLUTION_MS
 from payler.urls import mask_url, redact
 
 log = logging.getLogger("payler.rabbitmq")
@@ -59,6 +60,9 @@ CONNECT_TIMEOUT_S = 10.0
 
 class RabbitMQBroker(Broker):
     """A RabbitMQ broker (see the module docstring)."""
+
+    #: AMQP timestamps count whole seconds.
+    timestamp_slack_ms = TIMESTAMP_RESOLUTION_MS
 
     _connection: AbstractConnection | None = None
     _publish_channel: AbstractChannel | None = None
