@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from payler.drivers.base import Rejection
 from payler.drivers.brokers import broker_from_url
-from payler.drivers.brokers.base import Broker
+from payler.drivers.brokers.base import DEFAULT_PUBLISH_TIMEOUT_S, Broker
 from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import SpoolStorage, WatchSettings
 from payler.errors import InvalidSchedule, is_transient
@@ -210,7 +210,13 @@ async def watch_storage(ctx: WorkflowContext) -> None:
         dedupe_window_ms=options.dedupe_window_ms,
     )
     broker = broker_from_url(
-        options.broker_url, exchange=options.exchange, clock=ctx.clock, metrics=ctx.metrics
+        options.broker_url,
+        exchange=options.exchange,
+        # A publish still in the air when the lease ends could be delivered twice (another
+        # instance re-claims the entry): the publish gives up well before.
+        publish_timeout_s=min(DEFAULT_PUBLISH_TIMEOUT_S, options.lease_ms / 1000 / 3),
+        clock=ctx.clock,
+        metrics=ctx.metrics,
     )
     settings = WatchSettings(
         batch_size=options.batch_size,

@@ -44,6 +44,8 @@ DEAD_LETTERED_AT = "x-payler-dead-lettered-at"
 DEAD_LETTER_TRUNCATED = "x-payler-dead-letter-truncated"
 #: On a minimal dead letter: the payload's spool id (where the source gave one, its position).
 DEAD_LETTER_ID = "x-payler-dead-letter-id"
+#: How long a publish may take, by default, before it counts as an outage.
+DEFAULT_PUBLISH_TIMEOUT_S = 10.0
 #: Reasons are cut to this many characters: a dead letter's own headers must stay small.
 MAX_REASON_CHARS = 1000
 
@@ -64,6 +66,7 @@ class Broker(BaseDriver):
         prefetch: int = 200,
         batch_size: int = 100,
         exchange: str = "",
+        publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -72,6 +75,10 @@ class Broker(BaseDriver):
         self.prefetch = prefetch
         self.batch_size = batch_size
         self.exchange = exchange
+        #: The longest a publish (of a batch, confirmed) may take before it counts as an
+        #: outage (:class:`~payler.errors.TransientError`): a watcher sets it below its lease,
+        #: so that no other instance re-claims an entry whose publish is still in the air.
+        self.publish_timeout_s = publish_timeout_s
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
 
