@@ -24,7 +24,9 @@ lose the last writes too. The local test server runs without persistence. One Re
 
 redis-py's own command retries are turned off: a lost connection surfaces at once as a
 :class:`~payler.errors.TransientError` and the runtime restarts the workflow with backoff, the one
-reconnect mechanism payler has.
+reconnect mechanism payler has. So do the replies of a server that cannot take writes for now,
+recognised by their class (:func:`~payler.errors.is_transient`): READONLY (the server was
+demoted to a replica: a failover), LOADING, BUSY, OOM, MISCONF, NOREPLICAS, MASTERDOWN...
 """
 
 from __future__ import annotations
@@ -39,9 +41,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from payler.clock import Clock
 from payler.drivers.storages.base import (
@@ -55,7 +55,7 @@ from payler.drivers.storages.base import (
     new_token,
 )
 from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
-from payler.errors import StartupError, transient_on
+from payler.errors import StartupError, is_transient, transient_on
 from payler.metrics import Metrics
 from payler.payload import Payload
 from payler.urls import mask_url, redact
@@ -252,7 +252,9 @@ return records
 """
 
 
-_transient = transient_on((RedisConnectionError, RedisTimeoutError), "Redis spool")
+# Outages (a lost connection, and the error replies of a server that cannot write now: READONLY
+# after a failover, LOADING, OOM, BUSY...) are retried; any other error reply is a bug.
+_transient = transient_on((RedisError,), "Redis spool", when=is_transient)
 
 
 def split_prefix(url: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ from payler.drivers.storages.redis import RedisStorage, split_prefix
 from payler.drivers.storages.redis_keys import KeySpace
 from payler.errors import StartupError, TransientError
 from payler.payload import Payload
+from tests.conftest import RedisServers, fail_over, wait_for_role
 
 pytestmark = pytest.mark.redis
 
@@ -316,6 +317,31 @@ async def test_a_lost_server_is_a_transient_error(new_url: Callable[[], str]) ->
             await storage.claim_due(T0, 10, LEASE)
         with pytest.raises(TransientError):
             await storage.count()
+
+
+async def test_a_server_demoted_to_a_replica_is_an_outage_and_nothing_is_lost(
+    redis_servers: RedisServers,
+) -> None:
+    primary = redis_servers.start()
+    replica = redis_servers.start(replica_of=primary)
+    await wait_for_role(replica, "slave")
+    async with RedisStorage(primary) as storage:
+        await storage.store([payload("before")])
+    # The primary hands over to its replica (no write lost), and is now a replica: every
+    # write is refused with READONLY, which is an outage to wait out, not a bug.
+    await fail_over(primary, replica)
+    async with RedisStorage(primary) as storage:
+        with pytest.raises(TransientError, match=r"Redis spool: .*read only replica"):
+            await storage.store([payload("during")])
+        with pytest.raises(TransientError, match=r"Redis spool: .*read only replica"):
+            await storage.claim_due(T0, 10, LEASE)
+        assert await storage.count() == 1  # reads still work
+    # Promoted back, it serves again, with everything it had.
+    await fail_over(replica, primary)
+    async with RedisStorage(primary) as storage:
+        await storage.store([payload("after")])
+        claimed = await storage.claim_due(T0, 10, LEASE)
+        assert sorted(c.payload.id for c in claimed) == ["after", "before"]
 
 
 async def test_an_index_entry_whose_record_is_gone_is_dropped_not_claimed(
