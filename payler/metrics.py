@@ -20,6 +20,9 @@ MetricName = Literal[
     "delivered",  # payloads confirmed by the destination broker
     "retried",  # deliveries that failed transiently and were rescheduled
     "restarts",  # times the workflow was restarted after a transient error
+    # source messages removed by someone else before payler could handle them: entries of a
+    # Redis stream trimmed away before the group read them, or deleted while pending
+    "lost",
 ]
 
 #: Lateness samples kept per interval; beyond it, a uniform-enough subsample is kept.

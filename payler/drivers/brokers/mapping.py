@@ -18,7 +18,9 @@ Redis stream fields
     ``body`` (raw bytes), ``key`` (raw bytes, when there is one), ``headers`` (lossless JSON of
     the custom headers), ``properties`` (JSON of the AMQP properties, publish time as
     ``timestamp_ms``). A producer may send just ``body``; any other field it sends becomes a
-    string header of that name.
+    header of that name (a string, or bytes when its value is not UTF-8). Fields that cannot be
+    read as that (``headers`` that are no JSON object...) are an error, never dropped: the
+    source dead-letters the entry with its raw fields.
 """
 
 from __future__ import annotations
@@ -105,19 +107,40 @@ def to_stream_fields(payload: Payload, headers: Mapping[str, Any]) -> dict[bytes
 def from_stream_fields(
     fields: Mapping[bytes, bytes],
 ) -> tuple[bytes, bytes | None, dict[str, Any], MessageProperties]:
-    """Body, key, custom headers and properties of a Redis stream entry."""
-    headers = codec.loads(fields[b"headers"]) if b"headers" in fields else {}
-    props = codec.loads(fields[b"properties"]) if b"properties" in fields else {}
-    if isinstance(headers, dict):
-        # A producer's own fields (``type``, ``tenant``...) travel on as string headers.
-        for name, value in fields.items():
-            if name not in _STREAM_FIELDS:
-                headers.setdefault(
-                    name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
-                )
-    return (
-        fields.get(b"body", b""),
-        fields.get(b"key"),
-        headers if isinstance(headers, dict) else {},
-        MessageProperties(**props) if isinstance(props, dict) else MessageProperties(),
-    )
+    """Body, key, custom headers and properties of a Redis stream entry.
+
+    Raises ``ValueError`` for fields it cannot read without losing something: ``headers`` or
+    ``properties`` that are not a JSON object of what payler writes (malformed, a lone
+    surrogate, nested too deep, a property unknown or of the wrong type), a field name that is
+    not UTF-8. Nothing is dropped or replaced silently.
+    """
+    headers = _json_object(fields, b"headers")
+    props = _json_object(fields, b"properties")
+    # A producer's own fields (``type``, ``tenant``...) travel on as headers: text where they
+    # are UTF-8, bytes as they are otherwise. The ``headers`` field wins a name they share.
+    for name, value in fields.items():
+        if name not in _STREAM_FIELDS:
+            try:
+                text = name.decode()
+            except UnicodeDecodeError:
+                raise ValueError(f"the field name {name[:100]!r} is not UTF-8 text") from None
+            headers.setdefault(text, _text_or_bytes(value))
+    return fields.get(b"body", b""), fields.get(b"key"), headers, MessageProperties(**props)
+
+
+def _json_object(fields: Mapping[bytes, bytes], name: bytes) -> dict[str, Any]:
+    """Field ``name`` (payler's lossless JSON of an object), or ``{}`` when it is absent."""
+    if name not in fields:
+        return {}
+    value = codec.loads(fields[name])
+    if not isinstance(value, dict):
+        kind = type(value).__name__
+        raise ValueError(f"the {name.decode()} field is a JSON {kind}, not an object")
+    return value
+
+
+def _text_or_bytes(value: bytes) -> str | bytes:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
