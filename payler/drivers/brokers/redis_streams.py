@@ -72,12 +72,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -89,7 +85,11 @@ from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import Broker
 from payler.drivers.brokers.mapping import from_stream_fields, to_stream_fields
 from payler.drivers.brokers.redis_stream_scripts import FORGET_CONSUMER, READ_NEW, TRIM_ACKED
-from payler.errors import ConfigError, StartupError, TransientError, is_transient
+from payler.drivers.brokers.redis_stream_settings import (
+    server_identity,
+    split_settings,
+)
+from payler.errors import StartupError, TransientError, is_transient
 from payler.identity import spool_id
 from payler.isolation import describe
 from payler.payload import MessageProperties, Payload
@@ -108,78 +108,8 @@ REPLY_TIMEOUT_S = 10.0
 HANDBACK_BACKOFF = Backoff(base_s=1.0, max_s=30.0)
 #: An entry id before 2001-09-09 is not a time (explicit ids): no publish time is taken from it.
 _SMALLEST_EPOCH_MS = 1_000_000_000_000
-_DEFAULT_PORT = 6379
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamSettings:
-    """payler's query parameters of a stream broker URL (see the module docstring)."""
-
-    group: str = "payler"
-    consumer: str = ""
-    trim: Literal["none", "acked"] = "none"
-    min_idle_ms: int = 60_000
-    block_ms: int = 1_000
-
-
-def split_settings(url: str) -> tuple[str, StreamSettings]:
-    """``url`` without payler's parameters (for redis-py), and those parameters."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    names = {*StreamSettings.__slots__, "maxlen"}
-    ours = {name: value for name, value in query if name in names}
-    rest = urlencode([(name, value) for name, value in query if name not in ours])
-
-    def number(name: str, default: int, least: int) -> int:
-        text = ours.get(name, str(default))
-        if not text.isdigit() or int(text) < least:
-            raise ConfigError(
-                f"broker URL {mask_url(url)!r}: {name} must be an integer >= {least}, not {text!r}"
-            )
-        return int(text)
-
-    if "maxlen" in ours:
-        raise ConfigError(
-            f"broker URL {mask_url(url)!r}: maxlen is not supported: XADD MAXLEN trims entries "
-            "that the stream's consumer groups have not read yet (they are lost); trim=acked "
-            "trims only what every group has read and acknowledged"
-        )
-    for name in ("group", "consumer"):
-        if name in ours and not ours[name]:
-            raise ConfigError(f"broker URL {mask_url(url)!r}: {name} is empty")
-    trim = ours.get("trim", "none")
-    if trim not in ("none", "acked"):
-        raise ConfigError(
-            f"broker URL {mask_url(url)!r}: trim must be 'none' or 'acked', not {trim!r}"
-        )
-    settings = StreamSettings(
-        group=ours.get("group", "payler"),
-        consumer=ours.get("consumer") or f"{socket.gethostname()}-{os.getpid()}",
-        trim="acked" if trim == "acked" else "none",
-        min_idle_ms=number("min_idle_ms", 60_000, 0),
-        block_ms=number("block_ms", 1_000, 1),  # BLOCK 0 would wait forever
-    )
-    return urlunsplit(parts._replace(query=rest)), settings
-
-
-def server_identity(url: str) -> str:
-    """``host:port/db`` of a Redis URL, normalised (lower-case host, default port and
-    database): what tells two servers apart in spool ids. Never the user or password."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "localhost").lower()
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    try:
-        port = parts.port or _DEFAULT_PORT
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {mask_url(url)!r}: {exc}") from None
-    path = parts.path.strip("/")
-    db = path or parse_qs(parts.query).get("db", ["0"])[-1]
-    if not db.isdigit():
-        raise ConfigError(f"broker URL {mask_url(url)!r}: the database must be a number")
-    return f"{host}:{port}/{int(db)}"
 
 
 @contextlib.contextmanager
