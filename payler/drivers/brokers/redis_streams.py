@@ -10,7 +10,8 @@ query parameters are taken out before the URL goes to redis-py (whose own, such 
                                      one so that a restart re-reads its own unfinished entries
 ``trim``           ``none``          ``acked``: after each publish, trim every destination stream
                                      of what all its consumer groups have read and acknowledged
-                                     (never an entry a group has not; see :data:`TRIM_ACKED`)
+                                     (never an entry a group has not: :data:`~payler.drivers.
+                                     brokers.redis_stream_scripts.TRIM_ACKED`)
 ``min_idle_ms``    ``60000``         how long an entry stays pending before XAUTOCLAIM takes it
 ``block_ms``       ``1000``          how long one read waits for new entries; ``stop`` is seen
                                      within it
@@ -20,8 +21,8 @@ query parameters are taken out before the URL goes to redis-py (whose own, such 
 stream's consumer groups had not read yet, after payler had counted them delivered.)
 
 **As a source** ``serve`` reads stream ``queue`` in the group, up to ``batch_size`` entries
-(whatever has arrived, waiting at most ``block_ms``; ``prefetch`` does not apply), and XACKs a
-batch in one call, only after the handler returned; if the handler raises or ``serve`` is
+(whatever has arrived, waiting at most ``block_ms``), and XACKs a batch in one call, only after
+the handler returned; if the handler raises or ``serve`` is
 cancelled, nothing is acked. An entry stays in the group's pending list until it is acked, so
 nothing read is lost:
 
@@ -29,7 +30,8 @@ nothing read is lost:
   restart's unfinished batch;
 - an entry the handler handed back for now stays pending and is handed over again after a
   backoff (:data:`HANDBACK_BACKOFF`, growing with each hand-back: XCLAIM of just that entry),
-  while the other entries flow meanwhile;
+  while the other entries flow meanwhile; with ``prefetch`` entries so waiting, no new ones are
+  read until some are settled;
 - at start and every ``min_idle_ms / 2``, XAUTOCLAIM takes over entries that another consumer
   left pending for ``min_idle_ms`` (it crashed, or was renamed by a restart);
 - a permanent rejection is acked: streams have no dead-letter exchange, the handler dead-letters.
