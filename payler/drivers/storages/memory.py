@@ -14,6 +14,7 @@ from typing import Literal
 from payler.drivers.storages.base import (
     Claim,
     EntryState,
+    LookupField,
     Page,
     SpoolStorage,
     decode_cursor,
@@ -165,6 +166,17 @@ class MemoryStorage(SpoolStorage):
             for e in self._entries.values()
             if e.state == state and (destination is None or e.payload.destination == destination)
         )
+
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        # A scan: this storage holds a test's few entries (the others use an index).
+        found = [
+            e.payload
+            for e in self._entries.values()
+            if e.state == state and getattr(e.payload.properties, field) == value
+        ]
+        return found[:limit]
 
     async def _cancel(self, payload_id: str) -> bool:
         return self._visible(payload_id) is not None and bool(self._entries.pop(payload_id))
