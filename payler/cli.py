@@ -98,5 +98,5 @@ def _setup_logging(level: str) -> None:
     # The driver libraries log every failed connection attempt, some with tracebacks; payler
     # reports those failures itself, once and readably. --log-level DEBUG shows them all.
     if level != "DEBUG":
-        for noisy in ("aio_pika", "aiormq", "pymongo", "aiosqlite", "aiokafka"):
+        for noisy in ("aio_pika", "aiormq", "pymongo", "aiosqlite", "aiokafka", "uvicorn"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)

@@ -241,6 +241,16 @@ class StorageContract:
         assert await storage.get("a") == stored
         assert await storage.get("nope") is None
 
+    async def test_state_of(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0), payload("b", T0), payload("c", T0 + 1)])
+        claims = {c.payload.id: c for c in await storage.claim_due(T0, 10, LEASE)}
+        assert await storage.dead_letter(claims["b"], "bad")
+        assert await storage.ack([claims["a"]]) == 1
+        assert await storage.state_of("a") is None  # delivered: a tombstone only
+        assert await storage.state_of("b") == "dead"
+        assert await storage.state_of("c") == "pending"
+        assert await storage.state_of("nope") is None
+
     async def test_list_filters_by_destination_and_due_range(self, storage: SpoolStorage) -> None:
         await storage.store(
             [

@@ -30,10 +30,10 @@ Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
   dead-letter destination refused even in its minimal form is kept here, never dropped. An id
   already taken is parked under that id plus a suffix (``!dead-<random>``).
 - ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
-- Admin: ``get``, ``list`` (filters: destination, due range, state, message id, correlation id;
-  cursor pagination in due order), ``count``, ``cancel`` (delete), ``reschedule`` (new due time,
-  lease dropped: a delivery in progress of that entry can then no longer settle it, and it is
-  delivered again when due). Leased entries count as ``pending``.
+- Admin: ``get``, ``state_of``, ``list`` (filters: destination, due range, state, message id,
+  correlation id; cursor pagination in due order), ``count``, ``cancel`` (delete),
+  ``reschedule`` (new due time, lease dropped: a delivery in progress of that entry can then no
+  longer settle it, and it is delivered again when due). Leased entries count as ``pending``.
 - Lookups by message id and correlation id (``properties.message_id``/``correlation_id``) go
   through an index of each backend (``_lookup``), never a scan of the spool; one value matches
   at most :data:`LOOKUP_LIMIT` entries (more are not returned). A spool written before these
@@ -216,6 +216,10 @@ class SpoolStorage(BaseDriver):
     async def get(self, payload_id: str) -> Payload | None:
         """The entry with this id (pending or dead), or ``None``."""
         return await self._get(payload_id)
+
+    async def state_of(self, payload_id: str) -> EntryState | None:
+        """The state of the entry with this id (``pending`` or ``dead``), or ``None``."""
+        return await self._state_of(payload_id)
 
     async def list(
         self,
@@ -412,6 +416,9 @@ class SpoolStorage(BaseDriver):
 
     @abstractmethod
     async def _get(self, payload_id: str) -> Payload | None: ...
+
+    @abstractmethod
+    async def _state_of(self, payload_id: str) -> EntryState | None: ...
 
     @abstractmethod
     async def _list(

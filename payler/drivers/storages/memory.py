@@ -137,6 +137,10 @@ class MemoryStorage(SpoolStorage):
         entry = self._visible(payload_id)
         return None if entry is None else entry.payload
 
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        entry = self._visible(payload_id)
+        return None if entry is None or entry.state == "delivered" else entry.state
+
     async def _list(
         self,
         destination: str | None,

@@ -227,6 +227,15 @@ class MongoStorage(SpoolStorage):
         return None if doc is None else _from_doc(doc)
 
     @_transient
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        doc = await self._spool.find_one(
+            {"_id": payload_id, "state": {"$ne": "delivered"}}, {"state": 1}
+        )
+        if doc is None:
+            return None
+        return "dead" if doc["state"] == "dead" else "pending"
+
+    @_transient
     async def _list(
         self,
         destination: str | None,

@@ -452,6 +452,13 @@ class RedisStorage(SpoolStorage):
         return None if record[0] is None else _payload(record)
 
     @_transient
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        state = await self.client.hget(self.keys.entry(payload_id), "state")
+        if state is None:
+            return None
+        return "dead" if state == b"dead" else "pending"
+
+    @_transient
     async def _list(
         self,
         destination: str | None,

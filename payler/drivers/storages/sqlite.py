@@ -221,6 +221,12 @@ class SQLiteStorage(SpoolStorage):
         )
         return _payload(rows[0]) if rows else None
 
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        rows = await self._one(
+            "SELECT state FROM spool WHERE id = ? AND state != 'delivered'", (payload_id,)
+        )
+        return _entry_state(rows[0][0]) if rows else None
+
     async def _list(
         self,
         destination: str | None,
@@ -333,6 +339,10 @@ def _upgrade(db: sqlite3.Connection) -> None:
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _entry_state(value: object) -> EntryState:
+    return "dead" if value == "dead" else "pending"
 
 
 def _payload(row: sqlite3.Row | tuple[Any, ...]) -> Payload:
