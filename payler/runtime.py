@@ -27,6 +27,7 @@ import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from payler import logs
 from payler.backoff import Backoff
 from payler.clock import Clock, SystemClock
 from payler.config import Loaded, LoadedWorkflow
@@ -65,6 +66,8 @@ class Runtime:
         settings = self.loaded.config
         stopping = asyncio.Event()  # set by ``stop`` or by a fatal error
         fatal: list[BaseException] = []
+        for w in self.loaded.workflows:  # JSON log lines name the workflow
+            logs.workflow_names[f"payler.workflow.{w.index}"] = w.name
         self.contexts = [
             WorkflowContext(
                 name=w.name,
