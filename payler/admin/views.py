@@ -39,6 +39,8 @@ State = Literal["pending", "dead"]
 class Properties(BaseModel):
     """The message properties (AMQP's basic properties; other brokers map onto them)."""
 
+    model_config = ConfigDict(strict=True)
+
     content_type: str | None = None
     content_encoding: str | None = None
     correlation_id: str | None = None
@@ -97,7 +99,7 @@ class Count(BaseModel):
 class NewMessage(BaseModel):
     """A message to schedule (``POST /v1/scheduled``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     destination: str = Field(min_length=1, max_length=255)
     body: str = Field(default="", description="The body as text (UTF-8).")
@@ -128,7 +130,7 @@ class Scheduled(BaseModel):
 class Reschedule(BaseModel):
     """A new due time (``PATCH /v1/scheduled/{id}``): one of the two."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     delay_ms: int | None = Field(default=None, ge=0, description="From now.")
     deliver_at: str | int | None = Field(
@@ -177,7 +179,7 @@ class ReplayRequest(BaseModel):
     """Which dead letters to re-inject (``POST /v1/dead-letters/replay``); at least one
     selector, or ``all``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     ids: list[str] | None = Field(default=None, max_length=10_000)
     reason_class: ReasonClass | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
@@ -80,6 +81,9 @@ AdminDep = Annotated[Admin, Depends(admin_of)]
 CallerDep = Annotated[Caller, Depends(caller)]
 EntryId = Annotated[str, Path(description="The spool id (URL-encode it: ids hold ':').")]
 Limit = Annotated[int, Query(ge=1, le=1000, description="Entries per page.")]
+Cursor = Annotated[
+    str | None, Query(pattern=r"^-?[0-9]+:", description="`next_cursor` of the previous page.")
+]
 BodyLimitQuery = Annotated[
     int, Query(ge=0, le=MAX_BODY_PREVIEW, description="Body bytes to show (the rest is cut).")
 ]
@@ -105,15 +109,11 @@ async def _run(step: Callable[[], Awaitable[T]]) -> T:
         return await step()
 
 
-def _time(value: str | None, name: str) -> int | None:
-    if value is None:
+def _ms(value: datetime | str | None) -> int | None:
+    # FastAPI hands an empty query value over as it is (""): no filter.
+    if value is None or isinstance(value, str):
         return None
-    try:
-        return parse_deliver_at(value)
-    except InvalidSchedule:
-        raise HTTPException(
-            400, f"{name}: expected ISO 8601 with a UTC offset, or epoch milliseconds"
-        ) from None
+    return parse_deliver_at(value if value.tzinfo else value.replace(tzinfo=UTC))
 
 
 def _header(value: str | None) -> tuple[str, str] | None:
@@ -140,21 +140,22 @@ async def list_scheduled(
     header: Annotated[
         str | None,
         Query(
+            pattern=r"^[^=]+=",
             description="name=value: no index, so at most 10,000 entries are read per page; "
-            "`scanned` says how many, `next_cursor` where to go on."
+            "`scanned` says how many, `next_cursor` where to go on.",
         ),
     ] = None,
     state: State = "pending",
     limit: Limit = 100,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     body_limit: BodyLimitQuery = LIST_BODY_PREVIEW,
 ) -> EntryPage:
     return await _run(
         lambda: admin.list_entries(
             state=state,
             destination=destination,
-            due_from_ms=_time(due_from, "due_from"),
-            due_to_ms=_time(due_to, "due_to"),
+            due_from_ms=_ms(due_from),
+            due_to_ms=_ms(due_to),
             message_id=message_id,
             correlation_id=correlation_id,
             header=_header(header),
@@ -233,7 +234,7 @@ async def dead_letters(
     reason: ReasonClass | None = None,
     destination: str | None = None,
     limit: Limit = 100,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     body_limit: BodyLimitQuery = LIST_BODY_PREVIEW,
 ) -> DeadLetterPage:
     return await _run(

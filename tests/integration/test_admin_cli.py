@@ -45,8 +45,9 @@ async def test_an_operator_works_from_the_shell(rabbit: Rabbit, tmp_path: Path) 
                                    '{"id": 1}', env=env)  # fmt: skip
         assert code == 0, err
         assert f"to {q['jobs']!r}" in out
-        code, _, err = await cli(*with_config, "send", "--delay", "2h", "--correlation-id", "c-10",
-                                 "--message-id", "m-10", "-", env=env, stdin=b"from stdin")  # fmt: skip
+        code, _, err = await cli(*with_config, "send", "--delay", "2h", "--correlation-id",
+                                 "c-10", "--message-id", "m-10", "-",
+                                 env=env, stdin=b"from stdin")  # fmt: skip
         assert code == 0, err
 
         async def spooled() -> bool:
