@@ -23,6 +23,7 @@ import aiosqlite
 from payler.drivers.storages.base import (
     Claim,
     EntryState,
+    LookupField,
     Page,
     SpoolStorage,
     decode_cursor,
@@ -50,6 +51,14 @@ CREATE INDEX IF NOT EXISTS spool_visible ON spool (state, visible_ms);
 CREATE INDEX IF NOT EXISTS spool_due ON spool (state, due_ms, id);
 CREATE INDEX IF NOT EXISTS spool_destination ON spool (state, destination, due_ms, id);
 """
+#: The lookup columns, added to spools made before them (``PRAGMA user_version`` 0 → 1), and
+#: filled from each entry's metadata then: ALTER TABLE ADD COLUMN keeps old files working.
+_LOOKUP_COLUMNS = ("message_id", "correlation_id")
+_SCHEMA_VERSION = 1
+_LOOKUP_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS spool_message_id ON spool (message_id)",
+    "CREATE INDEX IF NOT EXISTS spool_correlation_id ON spool (correlation_id)",
+)
 _PAYLOAD_COLUMNS = "id, body, meta, destination, due_ms, created_ms, attempts, last_error"
 #: How long a writer waits for another process's write lock before giving up (a transient error).
 _BUSY_TIMEOUT_MS = 10_000
@@ -135,7 +144,8 @@ class SQLiteStorage(SpoolStorage):
     async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
         return await self._changes(
             "INSERT OR IGNORE INTO spool (id, state, due_ms, visible_ms, destination, attempts,"
-            " last_error, created_ms, body, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " last_error, created_ms, body, meta, message_id, correlation_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     p.id,
@@ -148,6 +158,8 @@ class SQLiteStorage(SpoolStorage):
                     p.created_ms,
                     p.body,
                     p.meta_json(),
+                    p.properties.message_id,
+                    p.properties.correlation_id,
                 )
                 for p in batch
             ],
@@ -209,6 +221,12 @@ class SQLiteStorage(SpoolStorage):
         )
         return _payload(rows[0]) if rows else None
 
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        rows = await self._one(
+            "SELECT state FROM spool WHERE id = ? AND state != 'delivered'", (payload_id,)
+        )
+        return _entry_state(rows[0][0]) if rows else None
+
     async def _list(
         self,
         destination: str | None,
@@ -252,6 +270,16 @@ class SQLiteStorage(SpoolStorage):
             )
         return int(rows[0][0])
 
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        column = {"message_id": "message_id", "correlation_id": "correlation_id"}[field]
+        rows = await self._one(
+            f"SELECT {_PAYLOAD_COLUMNS} FROM spool WHERE {column} = ? AND state = ? LIMIT ?",
+            (value, state, limit),
+        )
+        return [_payload(row) for row in rows]
+
     async def _cancel(self, payload_id: str) -> bool:
         return bool(
             await self._changes(
@@ -277,8 +305,44 @@ def _prepare(path: Path) -> None:
         db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         db.executescript(_SCHEMA)
+        _upgrade(db)
     finally:
         db.close()
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Add what later versions of the schema have to a spool file made before them.
+
+    Additive only (new columns, new indexes), in one transaction, so that a file stays usable
+    by the payler that made it; run by whichever process opens the file first.
+    """
+    if db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:  # not raced
+            columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
+            for column in _LOOKUP_COLUMNS:
+                if column not in columns:
+                    db.execute(f"ALTER TABLE spool ADD COLUMN {column} TEXT")
+            # Entries stored before: their ids from their metadata (skipping unreadable ones).
+            db.execute(
+                "UPDATE spool SET"
+                " message_id = json_extract(meta, '$.properties.message_id'),"
+                " correlation_id = json_extract(meta, '$.properties.correlation_id')"
+                " WHERE state != 'delivered' AND json_valid(meta)"
+            )
+            for statement in _LOOKUP_INDEXES:  # not executescript: it would commit
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _entry_state(value: object) -> EntryState:
+    return "dead" if value == "dead" else "pending"
 
 
 def _payload(row: sqlite3.Row | tuple[Any, ...]) -> Payload:
