@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from payler.drivers.base import Handler, Rejection
@@ -440,6 +440,45 @@ async def test_a_record_refused_for_now_alone_is_taken_again_after_a_backoff(
     waits = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert waits[0] >= 0.24 and waits[1] >= 0.48 and waits[2] >= 0.8, waits
     assert await uncommitted(kafka, source, ends) == {}
+
+
+async def test_the_other_partitions_flow_on_while_one_waits_for_its_refused_record(
+    kafka: Kafka,
+) -> None:
+    source = kafka.topic("source")
+    url = kafka.url() + "&partitions=4&retry_base_ms=1500&retry_max_ms=1500"
+    async with KafkaBroker(url) as admin:
+        await admin.ensure_queue(source)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        for partition in range(4):
+            for i in range(5):
+                await producer.send(source, f"{partition}-{i}".encode(), partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    stop = asyncio.Event()
+    handed: list[str] = []
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        handed.extend(p.body.decode() for p in batch)
+        rejections = [
+            Rejection(p.id, "the destination is full")
+            for p in batch
+            if p.body == b"0-1" and handed.count("0-1") == 1
+        ]
+        if len(set(handed)) == 20 and handed.count("0-1") == 2:
+            stop.set()
+        return rejections
+
+    await serve_until(url, source, handler, stop)
+    counts = Counter(handed)
+    assert counts["0-1"] == 2 and all(n == 1 for body, n in counts.items() if body != "0-1"), counts
+    # While partition 0 waited 1.5 s for its refused record, the others were all handled.
+    retried_at = len(handed) - 1 - handed[::-1].index("0-1")
+    others = [i for i, body in enumerate(handed) if not body.startswith("0-")]
+    assert max(others) < retried_at, handed
 
 
 async def test_a_member_joining_the_group_midway_loses_nothing(kafka: Kafka) -> None:
