@@ -17,10 +17,18 @@ MetricName = Literal[
     "spooled",  # payloads newly written to the spool (duplicates not counted)
     "duplicates",  # payloads already in the spool (a redelivered source message)
     "dead_lettered",  # messages sent to the dead-letter destination, with a reason
+    # messages the dead-letter destination refused even as a minimal copy, kept in the spool as
+    # dead instead (``state: dead``; logged as errors): look at them, and at that destination
+    "parked",
+    # messages that payler's own code (or a driver's) raised for alone, dead-lettered with the
+    # error (as a minimal copy, or parked, when it was their dead letter that raised): a bug to
+    # report; each is logged with its traceback
+    "bugs",
     "delivered",  # payloads confirmed by the destination broker
     "retried",  # deliveries that failed transiently and were rescheduled
-    "restarts",  # times the workflow was restarted after a transient error
+    "restarts",  # times the workflow was restarted after it failed (an outage, or a bug)
 ]
+
 
 #: Lateness samples kept per interval; beyond it, a uniform-enough subsample is kept.
 _MAX_SAMPLES = 10_000
