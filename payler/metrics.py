@@ -30,6 +30,15 @@ MetricName = Literal[
 ]
 
 
+def lateness_ms(now_ms: int, due_ms: int, received_ms: int) -> int:
+    """How late a payload is at ``now_ms``: counted from its due time, or from when payler
+    received it if that came later. A message due before it even arrived (an ``x-deliver-at``
+    in the past, a backlog at the source) is late only by the time payler held it: its
+    lateness says how payler did, not how old the message is.
+    """
+    return now_ms - max(due_ms, received_ms)
+
+
 #: Lateness samples kept per interval; beyond it, a uniform-enough subsample is kept.
 _MAX_SAMPLES = 10_000
 
