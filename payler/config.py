@@ -10,6 +10,7 @@ The file is the original Payler's format, extended::
           queue: "${PAYLER_QUEUE:-payler-jobs}"
     shutdown_grace_seconds: 10          # optional
     stats_interval_seconds: 60          # optional
+    startup_timeout_seconds: 60         # optional
 
 Every string may use ``${VAR}`` (the variable must be set) and ``${VAR:-default}`` (the default
 when it is unset or empty); ``$${`` writes a literal ``${``. Errors name the file, the key and
@@ -56,6 +57,8 @@ class PaylerConfig(BaseModel):
     workflows: list[WorkflowConfig] = Field(min_length=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     stats_interval_seconds: float = Field(default=60.0, gt=0)
+    #: How long every workflow has to call ``ctx.ready()``; past it, payler exits (status 2).
+    startup_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)
