@@ -319,9 +319,13 @@ class Broker:
                 )
 
     async def depth(self, queue: str) -> int:
-        """Messages ready on ``queue`` (not those delivered and unacknowledged)."""
+        """Messages ready on ``queue`` (not those delivered and unacknowledged); 0 if there is
+        no such queue."""
         async with (await self.connection()).channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return 0
             return declared.declaration_result.message_count or 0
 
     async def depths(self, *queues: str) -> list[int]:
