@@ -36,6 +36,8 @@ from tests.integration.conftest import Payler
 
 #: How long a scenario may take to deliver everything once the fault is over.
 RECOVERY_TIMEOUT_S = 90.0
+#: How long nothing may move (queue depths, spool size) before a scenario stops waiting.
+STALL_S = 10.0
 #: How often a probe looks at queue depths and the spool while waiting for a condition.
 POLL_S = 0.05
 
@@ -402,17 +404,26 @@ async def wait_until(
 async def delivered_all(
     broker: Broker, daemon: Daemon, sent: int, source: str, out: str, dead: str, storage: str
 ) -> bool:
-    """Wait (boundedly) until the source and the spool are empty and the destination and
-    dead-letter queues hold at least ``sent`` messages; False if that never came."""
+    """Wait until the source and the spool are empty and the destination and dead-letter
+    queues hold at least ``sent`` messages; False if that does not come within
+    :data:`RECOVERY_TIMEOUT_S`, or nothing moved for :data:`STALL_S` (what is missing then
+    is not coming: the count says where everything is)."""
+    seen: list[object] = []
+    moved = [time.monotonic()]
 
     async def done() -> bool:
         await daemon.reap()
         if not daemon.alive:
             return True  # nothing more will move: count what is where
-        in_source, in_out, in_dead = await broker.depths(source, out, dead)
-        if in_source != 0 or in_out + in_dead < sent:
-            return False
-        return await spool_count(storage) == 0
+        depths = await broker.depths(source, out, dead)
+        spooled = await spool_count(storage)
+        if seen != [*depths, spooled]:
+            seen[:] = [*depths, spooled]
+            moved[0] = time.monotonic()
+        elif time.monotonic() - moved[0] > STALL_S:
+            return True
+        in_source, in_out, in_dead = depths
+        return in_source == 0 and in_out + in_dead >= sent and spooled == 0
 
     return await wait_until(done, RECOVERY_TIMEOUT_S, "everything delivered")
 
