@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import EntryState
@@ -338,10 +338,10 @@ class Broker:
             await self.close()
             return [-1] * len(queues)
 
-    async def drain(self, queue: str, timeout_s: float = 60.0) -> list[str]:
-        """Every message on ``queue`` now, taken off it: their message ids (or bodies)."""
+    async def take(self, queue: str, timeout_s: float = 60.0) -> list[AbstractIncomingMessage]:
+        """Every message on ``queue`` now, taken off it."""
         expected = await self.depth(queue)
-        got: list[str] = []
+        got: list[AbstractIncomingMessage] = []
         if expected == 0:
             return got
         done = asyncio.Event()
@@ -349,8 +349,8 @@ class Broker:
             await channel.set_qos(prefetch_count=1000)
             declared = await channel.declare_queue(queue, passive=True)
 
-            async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                got.append(message.message_id or message.body.decode(errors="replace"))
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                got.append(message)
                 await message.ack()
                 if len(got) >= expected:
                     done.set()
@@ -360,6 +360,13 @@ class Broker:
                 await done.wait()
             await declared.cancel(tag)
         return got
+
+    async def drain(self, queue: str, timeout_s: float = 60.0) -> list[str]:
+        """Every message on ``queue`` now, taken off it: their message ids (or bodies)."""
+        return [
+            m.message_id or m.body.decode("utf-8", "replace")
+            for m in await self.take(queue, timeout_s)
+        ]
 
 
 async def spool_ids(storage_url: str) -> list[str]:
