@@ -175,20 +175,18 @@ def check_amqp(sent: AmqpMessage, got: Any) -> list[str]:
     problems = []
     if got.body != sent.body:
         problems.append(f"body: {len(got.body)} bytes, not the {len(sent.body)} sent")
-    if problem := differences(
-        dict(got.headers or {}), amqp_round_trip(sent.headers), "headers"
-    ):
+    if problem := differences(dict(got.headers or {}), amqp_round_trip(sent.headers), "headers"):
         problems.append(problem)
-    for name, value in sent.properties.items():
+    for name, sent_value in sent.properties.items():
         have = getattr(got, name)
         if name == "delivery_mode":
             have = int(have)
         if name == "expiration":
             have = round(have) if have is not None else None
-        if value == "":
-            value = None  # aio-pika publishes an empty property as none: so does everyone
-        if have != value:
-            problems.append(f"property {name}: {have!r}, not {value!r}")
+        # aio-pika publishes an empty property as none: so does everyone
+        wanted = None if sent_value == "" else sent_value
+        if have != wanted:
+            problems.append(f"property {name}: {have!r}, not {wanted!r}")
     return problems
 
 
@@ -272,7 +270,9 @@ JSON_VALUES = st.recursive(
         st.floats(allow_nan=False, allow_infinity=False),
         st.text(max_size=40),
     ),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 STREAM_PROPERTIES = st.fixed_dictionaries(
@@ -349,8 +349,7 @@ def stream_entries(large_max: int) -> st.SearchStrategy[StreamEntry]:
         st.one_of(st.none(), bodies(large_max)),
         st.one_of(st.none(), st.binary(max_size=32)),
         st.one_of(st.none(), json_text, json_text),
-        st.one_of(st.none(), STREAM_PROPERTIES.map(lambda p: json.dumps(p).encode()),
-                  NASTY),  # fmt: skip
+        st.one_of(st.none(), STREAM_PROPERTIES.map(lambda p: json.dumps(p).encode()), NASTY),
         st.dictionaries(STREAM_FIELD_NAMES, st.binary(max_size=32), max_size=3),
     )
 

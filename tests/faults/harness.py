@@ -369,9 +369,15 @@ class Broker:
         ]
 
 
+def sqlite_gone(storage_url: str) -> bool:
+    """Whether ``storage_url`` is a SQLite spool whose file does not exist (opening it would
+    create it, and a scenario that removed it must not have it back by looking)."""
+    return storage_url.startswith("sqlite:///") and not Path(storage_url[10:]).exists()
+
+
 async def spool_ids(storage_url: str) -> list[str]:
     """The message ids of every entry in the spool (pending or dead); [] if it is gone."""
-    if storage_url.startswith("sqlite:///") and not Path(storage_url[10:]).exists():
+    if sqlite_gone(storage_url):
         return []
     ids: list[str] = []
     async with storage_from_url(storage_url) as storage:
@@ -380,7 +386,9 @@ async def spool_ids(storage_url: str) -> list[str]:
             cursor: str | None = None
             while True:
                 page = await storage.list(state=state, limit=500, cursor=cursor)
-                ids += [p.properties.message_id or p.body.decode("utf-8", "replace") for p in page.items]
+                ids += [
+                    p.properties.message_id or p.body.decode("utf-8", "replace") for p in page.items
+                ]
                 cursor = page.next_cursor
                 if cursor is None:
                     break
@@ -388,7 +396,9 @@ async def spool_ids(storage_url: str) -> list[str]:
 
 
 async def spool_count(storage_url: str) -> int:
-    """Pending entries in the spool; -1 while it cannot be read."""
+    """Pending entries in the spool (0 if its file is gone); -1 while it cannot be read."""
+    if sqlite_gone(storage_url):
+        return 0
     try:
         async with storage_from_url(storage_url) as storage:
             return await storage.count()
@@ -396,9 +406,7 @@ async def spool_count(storage_url: str) -> int:
         return -1
 
 
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str
-) -> bool:
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> bool:
     """Poll ``condition`` until it holds or ``timeout_s`` passes; whether it held."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -146,6 +146,7 @@ async def test_destination_queue_deleted_while_entries_are_due(
     await out.consume(consumer.on_message, no_ack=True)
     await daemon.start()
     await broker.publish(queues.jobs, ids, spread_delays(3000))
+
     async def a_fourth_delivered() -> bool:
         return len(consumer.ids) >= len(ids) // 4
 

@@ -162,7 +162,7 @@ async def test_signals_under_load(
     # The second signal comes at the very end of the first one's stop.
     code = await daemon.stop(*signals, second_at="payler stopped")
     row, log = await finish(
-        daemon, broker, queues, ids, f"{names} under load", f"stopped at a third delivered"
+        daemon, broker, queues, ids, f"{names} under load", "stopped at a third delivered"
     )
     record.append(row)
     assert row.lost == 0, (row, log)

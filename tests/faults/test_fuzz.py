@@ -135,9 +135,7 @@ class Outcome:
         return row, problems
 
 
-async def run_until_out(
-    daemon: Daemon, outputs: Callable[[], Awaitable[int]], sent: int
-) -> None:
+async def run_until_out(daemon: Daemon, outputs: Callable[[], Awaitable[int]], sent: int) -> None:
     """Wait until ``outputs()`` (messages on the destination and dead-letter destination)
     reaches ``sent``, or stops moving for :data:`STALL_S`, or payler exits."""
     last = [-1, time.monotonic()]
@@ -298,9 +296,10 @@ async def test_fuzz_kafka(kafka: Kafka, tmp_path: Path, size: Size, record: list
         outcome.delivered[fuzz_id.decode()].append(got)
     for got in collector.records[dead]:
         headers = dict(got.headers)
-        ident = headers.get(FUZZ_ID) or positions.get(
-            (headers.get(DEAD_LETTER_ID) or b"").decode(), ""
-        ).encode()
+        ident = (
+            headers.get(FUZZ_ID)
+            or positions.get((headers.get(DEAD_LETTER_ID) or b"").decode(), "").encode()
+        )
         reason = (headers.get(DEAD_LETTER_REASON) or b"").decode(errors="replace")
         outcome.dead[ident.decode() or "?"].append(reason)
     left = len(await spool_ids(storage))
@@ -433,7 +432,8 @@ def _after_2106(props: Any, headers: dict[str, Any]) -> list[str]:
     if props.timestamp != 7_258_118_400:
         problems.append(f"timestamp property {props.timestamp}, not 7258118400")
     when = headers.get("when")
-    if not isinstance(when, datetime) or when.replace(tzinfo=UTC) != datetime(2200, 1, 1, tzinfo=UTC):
+    expected = datetime(2200, 1, 1, tzinfo=UTC)
+    if not isinstance(when, datetime) or when.replace(tzinfo=UTC) != expected:
         problems.append(f"header 'when' {when!r}, not 2200-01-01")
     return problems
 
@@ -442,14 +442,19 @@ EDGES = {
     "dead letter of a 126 kB header": Edge({"big": "h" * 126_000, "x-delay": "soon"}, {}, "dead"),
     "timestamp 2**62": Edge({"x-delay": 0}, {"timestamp": 2**62}, "either"),
     "timestamps after 2106": Edge(
-        {"x-delay": 0, "when": datetime(2200, 1, 1)}, {"timestamp": 7_258_118_400}, "delivered",
+        {"x-delay": 0, "when": datetime(2200, 1, 1)},
+        {"timestamp": 7_258_118_400},
+        "delivered",
         _after_2106,
-    ),  # fmt: skip
+    ),
     "x-delay as a byte array": Edge({"x-delay": b"100"}, {}, "delivered"),
 }
 
 
-def _pika_publish(url: str, queue: str, messages: list[tuple[bytes, dict[str, Any], dict[str, Any]]]) -> None:
+PikaMessage = tuple[bytes, dict[str, Any], dict[str, Any]]  # body, headers, properties
+
+
+def _pika_publish(url: str, queue: str, messages: list[PikaMessage]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
