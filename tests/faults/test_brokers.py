@@ -152,6 +152,9 @@ async def test_destination_queue_deleted_while_entries_are_due(
 
     await wait_until(a_fourth_delivered, 30, "a fourth delivered")
     await delete_when_empty(node.url, queues.out)
+    # Deliveries the broker pushed before the delete may still be on their way: a round trip
+    # on the consumer's channel comes back after them (a channel's frames keep their order).
+    await channel.declare_queue(queues.jobs, passive=True)
     deleted_at = len(consumer.ids)
     await connection.close()
     if retry_unroutable:
