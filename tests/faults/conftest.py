@@ -7,7 +7,6 @@ writes each scenario's row to PATH (JSON lines) for ``benchmarks/soak.py``.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -31,13 +30,13 @@ class Size:
     messages: int
     #: How long the Redis storage stays stopped (the issue's 20 s in the full run).
     outage_s: float
-    #: Broker restarts / broker-side closes in one scenario.
+    #: Broker restarts, broker-side closes, Redis failovers in one scenario.
     repeats: int
     #: Messages the fuzzer generates for each source (>= 10,000 over all sources when full).
     fuzz_messages: int
 
 
-BOUNDED = Size(full=False, cycles=3, messages=500, outage_s=6.0, repeats=1, fuzz_messages=300)
+BOUNDED = Size(full=False, cycles=3, messages=500, outage_s=6.0, repeats=1, fuzz_messages=200)
 FULL = Size(full=True, cycles=20, messages=1000, outage_s=20.0, repeats=3, fuzz_messages=3400)
 
 
@@ -128,9 +127,3 @@ async def queues(broker: Broker, node: RabbitNode) -> AsyncIterator[Queues]:
         pass
     finally:
         await connection.close()
-
-
-@pytest.fixture
-def started() -> float:
-    """When the test started (monotonic): scenarios report their duration."""
-    return time.monotonic()

@@ -107,7 +107,7 @@ AMQP_LEAVES = st.one_of(
 AMQP_VALUES = st.recursive(
     AMQP_LEAVES,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(AMQP_NAMES, inner, max_size=4),
-    max_leaves=12,
+    max_leaves=8,
 )
 SHORT = st.text(max_size=40).filter(lambda s: len(s.encode()) <= 255)
 AMQP_PROPERTIES = st.fixed_dictionaries(
