@@ -263,7 +263,8 @@ async def test_fuzz_kafka(kafka: Kafka, tmp_path: Path, size: Size, record: list
     )
     jobs, out, dead = kafka.topic("jobs"), kafka.topic("out"), kafka.topic("dlq")
     storage = f"sqlite:///{tmp_path}/spool.db"
-    url = kafka.url("payler")
+    # Records as large as the test's producer sends: payler's producer takes them too.
+    url = f"{kafka.url('payler')}&max_request_size={16 * 1024 * 1024}"
     config = write_config(tmp_path / "configuration.yaml", url, url, jobs, out, dead)
     daemon = Daemon(config, {"PAYLER_STORAGE_URL": storage}, tmp_path)
     await daemon.start()
