@@ -25,8 +25,10 @@ second. It is held, unacknowledged, for a backoff that grows with each refusal o
 payload id (:class:`~payler.backoff.Attempts`) up to a cap, then nacked with requeue. Held
 messages keep their place in the prefetch window — which bounds how many can be held, and stops
 consumption when every message in the window is refused (backpressure) — but not their bodies:
-only the delivery tag is kept. Other messages flow meanwhile. On a restart the count starts
-again (it lives in the broker object), and competing consumers count apart.
+only the delivery tag is kept. (A resize starts a new window, in which the messages held under
+the old one do not count: they are released within the backoff's cap.) Other messages flow
+meanwhile. On a restart the count starts again (it lives in the broker object), and competing
+consumers count apart.
 """
 
 from __future__ import annotations
