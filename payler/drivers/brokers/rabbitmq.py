@@ -21,9 +21,11 @@ publishing on those channels, with properties exactly as they are on the wire).
   together). Each payload is checked before anything is sent — a value AMQP cannot carry, a
   content header beyond the connection's ``frame_max`` — and refused alone. Messages go out
   persistent unless the payload's ``delivery_mode`` is 1.
-- Every publish is bounded by ``publish_timeout_s``, and a connection blocked by a resource
-  alarm (:mod:`.amqp.alarms`) fails its publishes at once: both are outages
-  (:class:`~payler.errors.TransientError`, outcome unknown).
+- The publish of a batch is bounded by ``publish_timeout_s``. If the broker confirmed none of
+  it by then, that is an outage (:class:`~payler.errors.TransientError`, outcome unknown); if it
+  confirmed some, those stand and the others come back refused for now (retried; their outcome
+  is unknown, so they may arrive twice): raising would have the confirmed ones published again.
+  A connection blocked by a resource alarm (:mod:`.amqp.alarms`) fails its publishes at once.
 - An existing queue is used as it is, whatever its arguments (Payler 0.2.0 declared
   ``payler-jobs`` non-durable; users declare theirs durable, with TTLs or DLXs): the queue is
   looked up passively and declared (durable) only when it does not exist, so payler never fails
@@ -77,6 +79,8 @@ CLOSE_TIMEOUT_S = 5.0
 DEFAULT_PREFETCH_BYTES = 32 * 1024 * 1024
 #: The backoff of a message handed back for now: 0.5 s, doubling, at most 30 s.
 HANDBACK_BACKOFF = Backoff(base_s=0.5, max_s=30.0)
+#: Why a payload was not published: those before it were not confirmed in time.
+_NOT_SENT = "not sent: the publishes before it were not confirmed in time (retried)"
 #: payler's own settings in an ``amqp://`` URL's query (the rest is aiormq's).
 _URL_SETTINGS = ("prefetch_bytes",)
 
@@ -242,17 +246,32 @@ class RabbitMQBroker(Broker):
             return rejections
         self._alarm.check()
         exchange = "" if dead_letters else self.exchange
-        try:
-            async with asyncio.timeout(self.publish_timeout_s):
-                for round_ in _rounds_of_unique_message_ids(ready):
-                    rejections += await self._publish_round(channel, exchange, round_)
-        except TimeoutError:
+        deadline = asyncio.get_running_loop().time() + self.publish_timeout_s
+        answered, unconfirmed = 0, list[Payload]()
+        for round_ in _rounds_of_unique_message_ids(ready):
+            if unconfirmed:  # out of time: the later rounds are not sent at all
+                rejections += [Rejection(p.id, _NOT_SENT) for p, _ in round_]
+                continue
+            refused, late = await self._publish_round(channel, exchange, round_, deadline)
+            rejections += refused
+            unconfirmed += late
+            answered += len(round_) - len(late)
+        if unconfirmed and not answered:
             raise TransientError(
-                f"RabbitMQ at {mask_url(self.url)} did not confirm {len(ready)} publish(es) "
-                f"within {self.publish_timeout_s:g} s: their outcome is unknown"
-            ) from None
+                f"RabbitMQ at {mask_url(self.url)} did not confirm {len(unconfirmed)} "
+                f"publish(es) within {self.publish_timeout_s:g} s: their outcome is unknown"
+            )
+        # The broker answers, slowly: what it confirmed is settled, the rest is retried.
+        rejections += [Rejection(p.id, self._unconfirmed) for p in unconfirmed]
         self._alarm.cleared()
         return rejections
+
+    @property
+    def _unconfirmed(self) -> str:
+        return (
+            f"not confirmed within {self.publish_timeout_s:g} s (outcome unknown: retried, "
+            "so it may arrive twice)"
+        )
 
     async def _publishing_channel(self) -> aiormq.abc.AbstractChannel:
         if self._publish_channel is None:
@@ -267,10 +286,12 @@ class RabbitMQBroker(Broker):
         channel: aiormq.abc.AbstractChannel,
         exchange: str,
         round_: list[tuple[Payload, Outgoing]],
-    ) -> list[Rejection]:
-        """Publish together (pipelined confirms), then read each outcome."""
-        sends = asyncio.gather(
-            *(
+        deadline: float,
+    ) -> tuple[list[Rejection], list[Payload]]:
+        """Publish together (pipelined confirms), then read each outcome: the refusals, and the
+        payloads whose publish was not confirmed by ``deadline`` (loop time)."""
+        sends = [
+            asyncio.ensure_future(
                 channel.basic_publish(
                     message.body,
                     exchange=exchange,
@@ -278,14 +299,22 @@ class RabbitMQBroker(Broker):
                     properties=message.properties,
                     mandatory=True,
                 )
-                for payload, message in round_
-            ),
-            return_exceptions=True,
-        )
-        results = await self._alarm.unless_blocked(sends)
-        rejections = []
-        for (payload, _), result in zip(round_, results, strict=True):
-            if not isinstance(result, BaseException):
+            )
+            for payload, message in round_
+        ]
+        try:
+            await self._alarm.wait(sends, deadline - asyncio.get_running_loop().time())
+        finally:
+            for send in sends:
+                if not send.done():
+                    send.cancel()  # its confirm, should it come, is ignored (and logged) by aiormq
+        rejections, unconfirmed = list[Rejection](), list[Payload]()
+        for (payload, _), send in zip(round_, sends, strict=True):
+            if not send.done() or send.cancelled():
+                unconfirmed.append(payload)
+                continue
+            result = send.exception()
+            if result is None:
                 continue
             if isinstance(result, aiormq.exceptions.PublishError):  # returned: unroutable
                 rejections.append(Rejection(payload.id, _returned_reason(result, payload), True))
@@ -297,7 +326,7 @@ class RabbitMQBroker(Broker):
                 ) from result
             else:
                 raise result
-        return rejections
+        return rejections, unconfirmed
 
 
 def _split_url(url: str) -> tuple[str, int | None]:

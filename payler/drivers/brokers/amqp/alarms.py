@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from payler.clock import Clock
@@ -104,30 +105,22 @@ class Alarm:
         if self.blocked:
             raise TransientError(self._refusal())
 
-    async def unless_blocked(self, work: asyncio.Future[Any]) -> Any:
-        """``work``'s result; or, should the connection be blocked first, cancel it and raise
-        :class:`TransientError` (its outcome unknown)."""
-        blocked = asyncio.ensure_future(self._blocked.wait())
+    async def wait(self, sends: Sequence[asyncio.Future[Any]], timeout_s: float) -> None:
+        """Wait until every one of ``sends`` is done, or ``timeout_s`` has passed; raise
+        :class:`TransientError` if the connection is blocked first (their outcome unknown)."""
+        everything: asyncio.Future[Any] = asyncio.gather(*sends, return_exceptions=True)
+        blocked: asyncio.Future[Any] = asyncio.ensure_future(self._blocked.wait())
         try:
-            done, _ = await asyncio.wait([work, blocked], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [everything, blocked], timeout=max(0.0, timeout_s), return_when=FIRST_COMPLETED
+            )
         finally:
             blocked.cancel()
-            if not work.done():
-                work.cancel()
-                # A cancelled gather ends with its children's CancelledError: read it, or
-                # asyncio logs "exception was never retrieved" whenever the future is collected.
-                work.add_done_callback(_retrieve)
-        if work in done:
-            return work.result()
-        raise TransientError(self._refusal())
+        if blocked in done and everything not in done:
+            raise TransientError(self._refusal())
 
     def _refusal(self) -> str:
         return (
             f"RabbitMQ at {self.server} blocks publishing (resource alarm {self.reason!r}): "
             "the outcome of publishes in the air is unknown"
         )
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
