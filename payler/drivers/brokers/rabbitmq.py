@@ -106,6 +106,7 @@ class RabbitMQBroker(Broker):
 
     async def connect(self) -> None:
         tolerant.install()
+        self._alarm = Alarm(mask_url(self.url), self.clock)  # per connection: blocked or not
         try:
             # aio-pika's own timeout does not cover its wait for an unblocked connection.
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
