@@ -41,6 +41,13 @@ from payler.admin.views import (
 )
 from payler.errors import InvalidSchedule, StartupError, is_transient
 from payler.http.security import Caller, authenticate
+from payler.http.sessions import (
+    CSRF_HEADER,
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    csrf_matches,
+    refusal,
+)
 from payler.http.state import ServerState, readiness
 from payler.isolation import describe
 from payler.reasons import ReasonClass
@@ -59,6 +66,7 @@ class Problem(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "A value payler refuses."},
     401: {"model": Problem, "description": "No valid bearer token."},
+    403: {"model": Problem, "description": "A browser's request from another site."},
     413: {"model": Problem, "description": "The request body is over the limit."},
     503: {"model": Problem, "description": "The storage or the broker cannot be reached."},
 }
@@ -73,8 +81,24 @@ def admin_of(request: Request) -> Admin:
 
 
 def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    """The caller of a ``/v1`` request (401 without a valid token, when tokens are set)."""
-    who = authenticate(request.app.state.payler.settings.tokens, authorization)
+    """The caller of a ``/v1`` request: a bearer token, the console's session cookie (with its
+    CSRF token on a change), or ``loopback`` when no token is configured. 401 without a valid
+    one; 403 for a request that a browser sent from another site, or, with no token
+    configured, addressed to a name other than an IP address or localhost (see
+    :mod:`payler.http.sessions`)."""
+    state: ServerState = request.app.state.payler
+    tokens = state.settings.tokens
+    refused = refusal(request.method, request.headers, request.url.scheme, open_access=not tokens)
+    if refused is not None:
+        raise HTTPException(403, refused)
+    if authorization is None:
+        session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is not None:
+            unsafe = request.method not in SAFE_METHODS
+            if unsafe and not csrf_matches(session, request.headers.get(CSRF_HEADER)):
+                raise HTTPException(403, "the console's CSRF token is missing or stale: reload")
+            return Caller(session.name)
+    who = authenticate(tokens, authorization)
     if who is None:
         raise HTTPException(
             401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}

@@ -1,6 +1,7 @@
-"""The FastAPI application: ``/metrics``, ``/healthz``, ``/readyz``, ``/v1`` (the admin API) and
-``/openapi.json``. No route serves assets from the internet (no CDN'd docs page): the
-OpenAPI document is the reference.
+"""The FastAPI application: ``/metrics``, ``/healthz``, ``/readyz``, ``/v1`` (the admin API),
+``/openapi.json`` and the web console at ``/ui`` (:mod:`payler.http.console`). Nothing is
+served from the internet (no CDN'd docs page, no CDN'd script): the OpenAPI document is the
+API's reference, and the console's assets are files of the package.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 
 from payler import __version__
 from payler.http import api
+from payler.http.console import routes as console
 from payler.http.security import BodyLimit
 from payler.http.state import Readiness, ServerState, readiness
 
@@ -34,6 +36,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.payler = state
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_request_bytes)
     app.include_router(api.router)
+    app.include_router(console.router)
+    app.mount(f"{console.PREFIX}/static", console.static, name="console-static")
 
     @app.get(
         "/metrics",

@@ -4,7 +4,7 @@ admin API's overview and the console."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
@@ -13,6 +13,7 @@ from payler.admin.operations import Admin
 from payler.admin.status import RateTracker
 from payler.http.exposition import RuntimeView
 from payler.http.sampling import SpoolSampler
+from payler.http.sessions import Sessions
 from payler.http.settings import HttpSettings
 from payler.workflow import WorkflowState
 
@@ -28,6 +29,7 @@ class ServerState:
     stopping: asyncio.Event
     sampler: SpoolSampler
     tracker: RateTracker
+    sessions: Sessions = field(default_factory=Sessions)
 
 
 class WorkflowStatus(BaseModel):
