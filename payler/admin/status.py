@@ -128,9 +128,9 @@ class RateTracker:
         """The span (seconds) the figures are over, and each workflow's overview now."""
         now = self._snapshot()
         base = self._snapshots[0]  # at most one tick older than the window
-        # At least a second: just after a start, a few messages in a few milliseconds are no
-        # rate of thousands a minute.
-        span_ms = max(1000, now.at_ms - base.at_ms)
+        # At least a minute: just after a start, a few messages in a few seconds are no rate
+        # of hundreds a minute; until then a rate is the count of the first minute.
+        span_ms = max(60_000, now.at_ms - base.at_ms)
         per_minute = 60_000 / span_ms
         views = []
         for ctx in self.contexts():

@@ -110,6 +110,11 @@ export function hexDump(base64, limit = 4096) {
   return lines.join("\n");
 }
 
+// Text that is UTF-8 but full of control characters reads better as bytes.
+export function looksBinary(text) {
+  return /[\u0000-\u0008\u000e-\u001f\u007f]/.test(text);
+}
+
 export function textToHex(text) {
   const encoded = new TextEncoder().encode(text);
   let binary = "";

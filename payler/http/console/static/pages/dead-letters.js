@@ -101,7 +101,7 @@ export function deadLettersPage(main, _params, query) {
     }
     const selection = items.filter((d) => selected.has(d.id));
     const bulk = h("div", { class: "bulk", "aria-live": "polite" },
-      h("span", { class: "muted", text: selection.length ? `${selection.length} selected` : "Select messages, or act on the whole reason." }),
+      h("span", { class: "muted", text: selection.length ? `${selection.length} selected` : "None selected" }),
       h("button", { class: "button", type: "button", disabled: !selection.length, id: "replay-selected",
         text: "Replay selected", onclick: () => replay({ ids: selection.map((d) => d.id) }, `${selection.length} selected message(s)`) }),
       h("button", { class: "button danger-outline", type: "button", disabled: !selection.length,

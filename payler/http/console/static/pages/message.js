@@ -5,7 +5,7 @@
 import { api, quote } from "../api.js";
 import {
   h, replace, setTitle, time, errorBox, empty, badge, bytes, hexDump, textToHex,
-  confirmAction, notify, zone, ago, utc,
+  confirmAction, notify, zone, ago, utc, looksBinary,
 } from "../ui.js";
 
 const BODY_LIMIT = 16 * 1024;
@@ -21,7 +21,7 @@ export function messagePage(main, params) {
   async function load() {
     try {
       entry = await api("GET", `/scheduled/${quote(id)}`, { query: { body_limit: String(BODY_LIMIT) } });
-      view = entry.body_encoding === "utf-8" ? "text" : "hex";
+      view = entry.body_encoding === "utf-8" && !looksBinary(entry.body) ? "text" : "hex";
       draw();
     } catch (error) {
       if (error.status === 404) return drawGone();

@@ -44,15 +44,15 @@ export function overviewPage(main) {
       tile("Delivered", rate(sum("delivered")), "per minute"),
       tile("Dead-lettered", rate(sum("dead_lettered")), `per minute · ${count(dead)} parked`,
         "/ui/dead-letters", sum("dead_lettered") > 0 ? "warn" : ""),
-      tile("Lateness", p50 === null ? "—" : `${duration(p50)} / ${duration(p99)}`,
-        p50 === null ? "no delivery lately" : "p50 / p99, due → confirmed"));
+      tile("Lateness p99", p99 === null ? "—" : duration(p99),
+        p50 === null ? "no delivery lately" : `p50 ${duration(p50)} · due → confirmed`));
 
     replace(workflows,
       h("h2", { id: "wf-title", text: "Workflows" }),
       h("div", { class: "table-wrap" }, h("table", { class: "table stack" },
         h("thead", {}, h("tr", {},
-          ["Workflow", "State", "Received", "Delivered", "Dead-lettered", "Lateness p50",
-            "Lateness p99", "In flight"].map((label, i) =>
+          ["Workflow", "State", "Received / min", "Delivered / min", "Dead-lettered / min",
+            "Lateness p50", "Lateness p99", "In flight"].map((label, i) =>
             h("th", { scope: "col", class: i > 1 ? "num" : "", text: label })))),
         h("tbody", {}, flows.map((w) => h("tr", {},
           h("td", { "data-label": "Workflow" }, h("strong", { text: w.name })),
@@ -69,7 +69,7 @@ export function overviewPage(main) {
           h("td", { class: "num", "data-label": "In flight", text: count(w.in_flight) }),
         ))))),
       h("p", { class: "muted small",
-        text: `Rates are per minute over the last ${minutes} min; lateness is due time → publish confirmed.` }));
+        text: `Rates are per minute over the last ${minutes} min (since payler started, if less); lateness is due time → publish confirmed.` }));
 
     replace(spools,
       h("h2", { id: "spool-title", text: view.spools.length > 1 ? "Spools" : "Spool" }),
@@ -110,7 +110,7 @@ export function overviewPage(main) {
   return { stop: () => clearInterval(timer) };
 
   function drawSkeleton() {
-    replace(tiles, ["Scheduled", "Oldest overdue", "Delivered", "Dead-lettered", "Lateness"]
+    replace(tiles, ["Scheduled", "Oldest overdue", "Delivered", "Dead-lettered", "Lateness p99"]
       .map((label) => tile(label, "—", "loading…")));
   }
 }

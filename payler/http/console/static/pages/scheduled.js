@@ -4,7 +4,7 @@
 
 import { api } from "../api.js";
 import {
-  h, replace, setTitle, count, time, errorBox, empty, link, zone, utc, duration,
+  h, replace, setTitle, count, time, errorBox, empty, link, zone, utc, duration, looksBinary,
 } from "../ui.js";
 
 const PAGE_SIZE = 50;
@@ -219,7 +219,7 @@ function ident(value) {
 
 function preview(entry) {
   if (!entry.body_bytes) return h("span", { class: "muted", text: "empty" });
-  if (entry.body_encoding !== "utf-8") {
+  if (entry.body_encoding !== "utf-8" || looksBinary(entry.body)) {
     return h("span", { class: "muted", text: `${entry.body_bytes} bytes of binary` });
   }
   return h("span", { class: "preview", text: entry.body + (entry.body_truncated ? "…" : "") });
