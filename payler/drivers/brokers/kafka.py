@@ -229,6 +229,8 @@ class KafkaBroker(Broker):
             await consumer.start()
             while not stop.is_set():
                 records = await consumer.getmany(timeout_ms=POLL_MS, max_records=self.batch_size)
+                if records and self.batch_wait_ms:
+                    await self._fill(consumer, records, stop)
                 if records:
                     async with guard.lock:  # a rebalance waits for this batch
                         await self._handle(consumer, records, handler)
@@ -237,6 +239,21 @@ class KafkaBroker(Broker):
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()  # commits nothing: auto-commit is off
+
+    async def _fill(
+        self, consumer: Any, records: dict[Any, list[Any]], stop: asyncio.Event
+    ) -> None:
+        """Add to ``records`` what arrives within ``batch_wait_ms``, up to ``batch_size``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_ms / 1000
+        while not stop.is_set():
+            wanted = self.batch_size - sum(len(batch) for batch in records.values())
+            left_ms = int((deadline - loop.time()) * 1000)
+            if wanted <= 0 or left_ms <= 0:
+                return
+            more = await consumer.getmany(timeout_ms=min(left_ms, POLL_MS), max_records=wanted)
+            for tp, batch in more.items():
+                records.setdefault(tp, []).extend(batch)
 
     async def _handle(self, consumer: Any, records: dict[Any, list[Any]], handler: Handler) -> None:
         received_ms = self.clock.now_ms()

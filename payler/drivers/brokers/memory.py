@@ -91,6 +91,8 @@ class MemoryBroker(Broker):
                 for waiter in waiters:
                     waiter.cancel()
                 continue
+            if self.batch_wait_ms and len(pending) < self.batch_size:
+                await self._fill(pending, stop)
             now_ms = self.clock.now_ms()
             batch = [
                 pending.popleft().model_copy(
@@ -106,6 +108,18 @@ class MemoryBroker(Broker):
                 raise
             requeue = [p for p in batch if p.id in rejections and not rejections[p.id].permanent]
             pending.extendleft(reversed(requeue))
+
+    async def _fill(self, pending: deque[Payload], stop: asyncio.Event) -> None:
+        """Wait up to ``batch_wait_ms`` (loop time) for ``batch_size`` messages to be there."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_ms / 1000
+        while len(pending) < self.batch_size and not stop.is_set():
+            self._queues.changed.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._queues.changed.wait()
+            except TimeoutError:
+                return
 
     async def peek(self, queue: str, limit: int) -> list[Payload]:
         return [p.model_copy(update={"source": queue}) for p in self.messages(queue)[:limit]]

@@ -150,7 +150,9 @@ class RabbitMQBroker(Broker):
             underlay.on_consumer_cancel_callbacks.add(on_cancel)
             try:
                 while not stop.is_set():
-                    batch = await _next_batch(inbox, stop, lost, self.batch_size)
+                    batch = await _next_batch(
+                        inbox, stop, lost, self.batch_size, self.batch_wait_ms / 1000
+                    )
                     if lost.is_set():
                         raise TransientError(
                             f"lost the RabbitMQ channel or consumer of {self.queue!r} "
@@ -317,8 +319,10 @@ async def _next_batch(
     stop: asyncio.Event,
     lost: asyncio.Event,
     limit: int,
+    wait_s: float = 0.0,
 ) -> list[AbstractIncomingMessage]:
-    """Wait for one message (or ``stop``, or ``lost``), then take whatever else has arrived."""
+    """Wait for one message (or ``stop``, or ``lost``), then take whatever else has arrived,
+    and what arrives within ``wait_s`` while the batch is not full."""
     if inbox.empty():
         getter = asyncio.ensure_future(inbox.get())
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())]
@@ -333,6 +337,18 @@ async def _next_batch(
         batch = []
     while len(batch) < limit and not inbox.empty():
         batch.append(inbox.get_nowait())
+    if batch and wait_s > 0 and len(batch) < limit:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while len(batch) < limit and not (stop.is_set() or lost.is_set()):
+            if inbox.empty():
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        batch.append(await inbox.get())
+                except TimeoutError:
+                    break
+            else:
+                batch.append(inbox.get_nowait())
     return batch
 
 
