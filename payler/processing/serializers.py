@@ -18,7 +18,7 @@ content types              serializer                                      value
 Third-party serializers are registered by content type: :func:`register_serializer` in code,
 a dotted path in the configuration's ``plugins: {serializers: {...}}``, or a Python entry point
 in the group ``payler.serializers`` (its name is the content type, its object a serializer or
-a class of one), loaded the first time an unknown content type is looked up.
+a class of one), loaded the first time its content type is looked up.
 
 ``decode`` raises ``ValueError`` (only) on a body it cannot read: the message is then
 dead-lettered with the reason, never retried.
@@ -148,7 +148,8 @@ ALIASES = {
     "text": "text/plain",
     "bytes": "application/octet-stream",
 }
-_entry_points_loaded = False
+#: Content types looked up in the entry points in vain (each is looked up once).
+_not_plugins: set[str] = set()
 
 
 def media_type(content_type: str) -> str:
@@ -169,8 +170,8 @@ def find_serializer(content_type: str) -> Serializer | None:
     and ``text/*`` fall back to JSON and text), or ``None``."""
     name = media_type(ALIASES.get(content_type, content_type))
     found = _registry.get(name)
-    if found is None and not _entry_points_loaded:
-        _load_entry_points()
+    if found is None and name not in _not_plugins:
+        _load_entry_point(name)
         found = _registry.get(name)
     if found is None and name.endswith("+json"):
         return JSON
@@ -179,14 +180,17 @@ def find_serializer(content_type: str) -> Serializer | None:
     return found
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded  # noqa: PLW0603 - a process-wide registry, loaded once
-    _entry_points_loaded = True
+def _load_entry_point(name: str) -> None:
+    """Register the entry point's serializer for content type ``name``, if one declares it."""
+    _not_plugins.add(name)
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if media_type(entry.name) != name:
+            continue
         try:
             loaded = entry.load()
             register_serializer(loaded() if isinstance(loaded, type) else loaded, entry.name)
-        except Exception:  # a broken plugin must not stop the others
+            return
+        except Exception:  # a broken plugin: its content type stays unknown (dead letters)
             log.exception("serializer plugin %r (%s) could not be loaded", entry.name, entry.value)
 
 
