@@ -63,7 +63,10 @@ RETRY_DESTINATION = "@retry"
 async def handle(ctx: WorkflowContext) -> None:
     """Run an application's handlers between a source and its outputs (module docstring)."""
     options: HandleOptions = ctx.options
+    # One storage driver per side: each is used by one task at a time (a SQLite connection
+    # cannot interleave two transactions), and the watch side is still woken by local stores.
     storage = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
+    spool = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
     source = broker_from_url(
         options.source_url,
         queue=options.queue,
@@ -77,7 +80,7 @@ async def handle(ctx: WorkflowContext) -> None:
     for name, url in options.outputs.items():
         outputs[name] = broker_from_url(url, clock=ctx.clock, metrics=ctx.metrics)
     async with contextlib.AsyncExitStack() as stack:
-        for driver in (storage, *outputs.values()):
+        for driver in (storage, spool, *outputs.values()):
             await stack.enter_async_context(driver)
         await source.ensure_queue(options.queue)
         await source.ensure_queue(options.dead_letter_queue)
@@ -95,7 +98,7 @@ async def handle(ctx: WorkflowContext) -> None:
             mask_url(options.storage_url),
             options.dead_letter_queue,
         )
-        handling = Handling(ctx, options, storage, source, outputs)
+        handling = Handling(ctx, options, storage, source, outputs, spool=spool)
         settings = WatchSettings(
             batch_size=options.spool_batch_size,
             lease_ms=options.lease_ms,
@@ -105,7 +108,7 @@ async def handle(ctx: WorkflowContext) -> None:
         )
         await _together(
             handling.consume(),
-            storage.serve(ctx.metrics.track(handling.on_spool), ctx.stop, settings=settings),
+            spool.serve(ctx.metrics.track(handling.on_spool), ctx.stop, settings=settings),
         )
 
 
@@ -122,11 +125,15 @@ class Handling:
         storage: SpoolStorage,
         source: Broker,
         outputs: dict[str, Broker],
+        *,
+        spool: SpoolStorage | None = None,
     ) -> None:
         self.ctx = ctx
         self.options = options
         self.app: Application = options.application
+        #: The source side's storage, and the spool side's (the one it claims from).
         self.storage = storage
+        self.spool = spool or storage
         self.source = source
         self.outputs = outputs
         self.brokers = frozenset(outputs)
@@ -168,9 +175,9 @@ class Handling:
                 fresh = random_spool_id(message.id.partition(":")[0], message.source)
                 payload = message.model_copy(update={"id": fresh})
             deliveries.append(Delivery(payload, payload.id, 1))
-        return await self._run(deliveries)
+        return await self._run(deliveries, self.storage)
 
-    async def _run(self, deliveries: Sequence[Delivery]) -> list[Rejection]:
+    async def _run(self, deliveries: Sequence[Delivery], storage: SpoolStorage) -> list[Rejection]:
         outcomes = await run_all(
             self.app,
             deliveries,
@@ -180,7 +187,7 @@ class Handling:
             metrics=self.ctx.metrics,
             brokers=self.brokers,
         )
-        return await self.settle(outcomes)
+        return await self.settle(outcomes, storage)
 
     # -- the spool side ------------------------------------------------------------------------
 
@@ -198,7 +205,7 @@ class Handling:
                 retries.append(_retried(payload))
         rejections = await self._deliver_due(due) if due else []
         if retries:
-            rejections += await self._run(retries)
+            rejections += await self._run(retries, self.spool)
         return held + rejections
 
     async def _deliver_due(self, entries: Sequence[Payload]) -> list[Rejection]:
@@ -238,11 +245,11 @@ class Handling:
                     retry.append(Rejection(payload.id, rejection.reason))
         self.ctx.metrics.incr("delivered", delivered)
         self.ctx.metrics.incr("retried", len(retry))
-        return retry + await self._dead_letter(dead)
+        return retry + await self._dead_letter(dead, self.spool)
 
     # -- making outcomes durable ---------------------------------------------------------------
 
-    async def settle(self, outcomes: Sequence[Outcome]) -> list[Rejection]:
+    async def settle(self, outcomes: Sequence[Outcome], storage: SpoolStorage) -> list[Rejection]:
         """Publish, store and dead-letter what ``outcomes`` say, durably; return the inputs to
         hand back (their outputs or dead letters were refused for now, or the breaker is
         tripped), each once."""
@@ -276,11 +283,11 @@ class Handling:
                 later.append(entry)
         for name, payloads in immediate.items():
             dead += await self._publish(name, payloads, input_of, hand_back)
-        stored, unstorable = await isolate(self.storage.store, later, "the spool cannot store it")
+        stored, unstorable = await isolate(storage.store, later, "the spool cannot store it")
         self.ctx.metrics.incr("spooled", sum(stored))
         dead += unstorable
         fault_point("after-outputs")
-        for rejection in await self._dead_letter(dead):
+        for rejection in await self._dead_letter(dead, storage):
             hand_back.setdefault(input_of.get(rejection.payload_id, rejection.payload_id),
                                  rejection.reason)  # fmt: skip
         return [Rejection(payload_id, reason) for payload_id, reason in hand_back.items()]
@@ -329,9 +336,11 @@ class Handling:
                 hand_back.setdefault(input_of[output.id], rejection.reason)
         return dead
 
-    async def _dead_letter(self, dead: Sequence[tuple[Payload, str]]) -> list[Rejection]:
+    async def _dead_letter(
+        self, dead: Sequence[tuple[Payload, str]], storage: SpoolStorage
+    ) -> list[Rejection]:
         return await _dead_letter_or_park(
-            dead, self.source, self.storage, self.options.dead_letter_queue, self.ctx
+            dead, self.source, storage, self.options.dead_letter_queue, self.ctx
         )
 
 
