@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 import uuid
 from collections import Counter
@@ -320,6 +322,29 @@ async def test_a_crash_between_output_publish_and_source_ack_loses_nothing(
     assert await rabbit.count(source) == 0
 
 
+async def take(
+    channel: aio_pika.abc.AbstractChannel, queue: str, count: int, timeout_s: float = 20.0
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Consume ``count`` messages of ``queue`` (acknowledged), or fail after ``timeout_s``."""
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+    enough = asyncio.Event()
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        got.append(message)
+        await message.ack()
+        if len(got) >= count:
+            enough.set()
+
+    declared = await channel.declare_queue(queue, passive=True)
+    tag = await declared.consume(on_message)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await enough.wait()
+    finally:
+        await declared.cancel(tag)
+    return got[:count]
+
+
 @pytest.fixture
 def example_env(vhost: str, tmp_path: Path) -> dict[str, str]:
     return {
@@ -343,28 +368,15 @@ async def test_the_shop_example_as_it_is(example_env: dict[str, str], tmp_path: 
                                        content_type="application/json")  # fmt: skip
             await channel.default_exchange.publish(message, "shop-events")
 
-        async def take(queue: str, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
-            got = []
-            declared = await channel.declare_queue(queue, passive=True)
-            async with asyncio.timeout(20):
-                while len(got) < count:
-                    message = await declared.get(fail=False)
-                    if message is None:
-                        await asyncio.sleep(0.05)  # polling a queue: a pause between gets
-                        continue
-                    await message.ack()
-                    got.append(message)
-            return got
-
         order = {"id": "o-1", "customer": "ada", "country": "FR", "amount": "80.00"}
         await send(order, "order.created")  # the tax rates are missing: retried
         await send({"order_id": "o-1", "amount": "-3"}, "payment.received")
         await send({"hello": 1}, "greeting")
-        dead = await take("shop-dead-letter", 2)
+        dead = await take(channel, "shop-dead-letter", 2)
         (tmp_path / "rates.json").write_text(json.dumps({"FR": 20}))
         sent_at = time.time()
-        [invoice] = await take("invoices", 1)
-        [reminder] = await take("payment-reminders", 1)
+        [invoice] = await take(channel, "invoices", 1)
+        [reminder] = await take(channel, "payment-reminders", 1)
         reminded_at = time.time()
     finally:
         await connection.close()
@@ -378,3 +390,32 @@ async def test_the_shop_example_as_it_is(example_env: dict[str, str], tmp_path: 
     assert "invoiced (attempt" in payler.log  # the handler's own line, naming the message
     assert "invoiced (attempt 1)" not in payler.log  # the rates were missing: retried
     assert "[message amqp:shop-events:" in payler.log
+
+
+@pytest.mark.rabbitmq
+async def test_the_python_first_entry_runs_the_example(
+    example_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``python examples/shop.py``: no configuration file; stops cleanly on SIGTERM."""
+    (tmp_path / "rates.json").write_text(json.dumps({"FR": 0}))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "shop.py"), cwd=tmp_path,
+        env={**os.environ, **example_env, "ORDERS_QUEUE": "shop-events"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    payler = Payler(process)
+    payler._reader = asyncio.create_task(payler._read())
+    try:
+        await payler.running()
+        connection = await aio_pika.connect(example_env["BROKER_URL"])
+        async with connection:
+            channel = await connection.channel()
+            order = {"id": "o-9", "customer": "bo", "country": "FR", "amount": "10"}
+            await channel.default_exchange.publish(
+                aio_pika.Message(json.dumps(order).encode(), headers={"type": "order.created"}),
+                "shop-events",
+            )
+            [message] = await take(channel, "invoices", 1)
+        assert json.loads(message.body)["total"] == "10.00"
+    finally:
+        assert await payler.stop() == 0, payler.log
