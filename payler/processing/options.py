@@ -58,8 +58,10 @@ class HandleOptions(BaseModel):
     default_output: str = SOURCE_OUTPUT
     #: The spool of delayed outputs and retries: give each ``handle`` workflow one of its own.
     storage_url: str = Field(default_factory=default_storage_url)
-    #: On the source broker: what the handling dead-letters, with the reason.
+    #: What the handling dead-letters goes there, with the reason: a queue (topic, stream) on
+    #: the output broker ``dead_letter_output`` (the source broker by default).
     dead_letter_queue: str = Field(default="payler-dead-letter", min_length=1)
+    dead_letter_output: str = SOURCE_OUTPUT
     #: Handler runs in flight at once.
     concurrency: int = Field(default=16, ge=1, le=10_000)
     #: Messages taken from the source per batch (default: ``concurrency``, or a batch
@@ -133,8 +135,9 @@ class HandleOptions(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> HandleOptions:
         names = {SOURCE_OUTPUT, *self.outputs}
-        if self.default_output not in names:
-            raise ValueError(f"default_output {self.default_output!r} is none of {sorted(names)}")
+        for key in ("default_output", "dead_letter_output"):
+            if getattr(self, key) not in names:
+                raise ValueError(f"{key} {getattr(self, key)!r} is none of {sorted(names)}")
         for name in self.declare_queues:
             if name not in names:
                 raise ValueError(f"declare_queues: no output named {name!r}")

@@ -6,8 +6,9 @@ Two loops run side by side, on one set of connections:
   ``prefetch`` that follows the handlers' ``concurrency``), runs each message through the
   application (:mod:`~payler.processing.runner`), then makes every outcome durable: immediate
   outputs published (confirmed) on their output broker, delayed outputs and retries stored in
-  the spool, dead letters published to ``dead_letter_queue`` on the source broker (parked in
-  the spool when refused for good) — and only then acknowledges the source messages.
+  the spool, dead letters published to ``dead_letter_queue`` on ``dead_letter_output`` (the
+  source broker by default; parked in the spool when refused for good) — and only then
+  acknowledges the source messages.
 - **the spool side** watches the spool (claims with leases, as ``watch_storage`` does). A due
   *delayed output* (destination ``<output>:<queue>``) is published to its output broker; a due
   *retry* (destination :data:`RETRY_DESTINATION`) is handed back to the application — not to a
@@ -83,7 +84,7 @@ async def handle(ctx: WorkflowContext) -> None:
         for driver in (storage, spool, *outputs.values()):
             await stack.enter_async_context(driver)
         await source.ensure_queue(options.queue)
-        await source.ensure_queue(options.dead_letter_queue)
+        await outputs[options.dead_letter_output].ensure_queue(options.dead_letter_queue)
         for name, queues in options.declare_queues.items():
             for queue in queues:
                 await outputs[name].ensure_queue(queue)
@@ -339,8 +340,9 @@ class Handling:
     async def _dead_letter(
         self, dead: Sequence[tuple[Payload, str]], storage: SpoolStorage
     ) -> list[Rejection]:
+        broker = self.outputs[self.options.dead_letter_output]
         return await _dead_letter_or_park(
-            dead, self.source, storage, self.options.dead_letter_queue, self.ctx
+            dead, broker, storage, self.options.dead_letter_queue, self.ctx
         )
 
 
