@@ -285,6 +285,13 @@ class Application:
     def message(self, payload: Payload) -> Message:
         return Message(payload, self.default_serializer)
 
+    def policy(self, handler: str) -> RetryPolicy:
+        """The retry policy of the handler named ``handler`` (the default for an unknown one)."""
+        for candidate in [*self.handlers, self.fallback_handler]:
+            if candidate is not None and candidate.name == handler:
+                return candidate.retry
+        return self.retry
+
     # -- running -----------------------------------------------------------------------------
 
     async def run(
@@ -397,7 +404,9 @@ class Application:
     ) -> list[tuple[str | None, Payload]]:
         if returned is None:
             return []
-        if isinstance(returned, Output | tuple):
+        if isinstance(returned, Output) or (
+            isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[0], str)
+        ):  # one output, or one (destination, body) pair
             returned = [returned]
         if not isinstance(returned, Iterable) or isinstance(returned, str | bytes | dict):
             raise TypeError(

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -252,46 +253,51 @@ class Handling:
 
     async def settle(self, outcomes: Sequence[Outcome], storage: SpoolStorage) -> list[Rejection]:
         """Publish, store and dead-letter what ``outcomes`` say, durably; return the inputs to
-        hand back (their outputs or dead letters were refused for now, or the breaker is
+        hand back to their source (their dead letters were refused for now, or the breaker is
         tripped), each once."""
         hand_back: dict[str, str] = {}
         self._count(outcomes, hand_back)
-        now_ms = self.ctx.clock.now_ms()
-        immediate: dict[str, list[Payload]] = {}
-        later: list[Payload] = []
-        dead: list[tuple[Payload, str]] = []
-        input_of: dict[str, str] = {}  # output / entry id → the input it stems from
+        plan = _Plan()
         for outcome in outcomes:
-            payload = outcome.delivery.payload
-            if payload.id in hand_back:
-                continue
-            if outcome.dead is not None:
-                dead.append((payload, outcome.dead))
-                input_of[payload.id] = payload.id
-                continue
-            for broker, output in outcome.outputs:
-                name = broker or self.options.default_output
-                input_of[output.id] = payload.id
-                if output.due_ms > now_ms:
-                    later.append(
-                        output.model_copy(update={"destination": f"{name}:{output.destination}"})
-                    )
-                else:
-                    immediate.setdefault(name, []).append(output)
-            if outcome.retry_at_ms is not None:
-                entry = _retry_entry(outcome)
-                input_of[entry.id] = payload.id
-                later.append(entry)
-        for name, payloads in immediate.items():
-            dead += await self._publish(name, payloads, input_of, hand_back)
-        stored, unstorable = await isolate(storage.store, later, "the spool cannot store it")
+            if outcome.delivery.payload.id not in hand_back:
+                plan.add(outcome, self.options.default_output, self.ctx.clock.now_ms())
+        again: dict[str, str] = {}  # output id → why it was refused for now
+        for name, payloads in plan.immediate.items():
+            plan.dead += await self._publish(name, payloads, again)
+        retried = {id(plan.outcome_of[i]): (plan.outcome_of[i], why) for i, why in again.items()}
+        for outcome, why in retried.values():
+            # An output refused for now: the message runs again later, through the spool
+            # (with backoff; its outputs are then the same, recognisable duplicates).
+            entry = self._again(outcome, why)
+            if isinstance(entry, str):
+                plan.dead.append((outcome.delivery.payload, entry))
+            else:
+                plan.outcome_of[entry.id] = outcome
+                plan.later.append(entry)
+        stored, unstorable = await isolate(storage.store, plan.later, "the spool cannot store it")
         self.ctx.metrics.incr("spooled", sum(stored))
-        dead += unstorable
+        for entry, reason in unstorable:  # a retry that cannot be stored: its message is dead
+            retry = entry.destination == RETRY_DESTINATION
+            plan.dead.append((plan.outcome_of[entry.id].delivery.payload if retry else entry,
+                              reason))  # fmt: skip
         fault_point("after-outputs")
-        for rejection in await self._dead_letter(dead, storage):
-            hand_back.setdefault(input_of.get(rejection.payload_id, rejection.payload_id),
-                                 rejection.reason)  # fmt: skip
+        for rejection in await self._dead_letter(plan.dead, storage):
+            source = plan.outcome_of.get(rejection.payload_id)
+            payload_id = source.delivery.payload.id if source else rejection.payload_id
+            hand_back.setdefault(payload_id, rejection.reason)
         return [Rejection(payload_id, reason) for payload_id, reason in hand_back.items()]
+
+    def _again(self, outcome: Outcome, reason: str) -> Payload | str:
+        """The retry entry that runs ``outcome``'s message again because an output of it was
+        refused for now; or, after the last attempt, why it is dead-lettered."""
+        delivery = outcome.delivery
+        policy = self.app.policy(outcome.handler)
+        error = f"an output was refused for now: {reason}"
+        if delivery.attempt >= policy.max_attempts:
+            return f"gave up after {delivery.attempt} attempts: {error}"
+        self.ctx.metrics.handler(outcome.handler, "retried")
+        at_ms = self.ctx.clock.now_ms() + policy.delay_ms(delivery.attempt)
+        return _retry_entry(Outcome(delivery, outcome.handler, retry_at_ms=at_ms, error=error))
 
     def _count(self, outcomes: Sequence[Outcome], hand_back: dict[str, str]) -> None:
         """Feed the breaker; once tripped, would-be dead letters go back to their source."""
@@ -317,10 +323,10 @@ class Handling:
         self,
         name: str,
         payloads: list[Payload],
-        input_of: dict[str, str],
-        hand_back: dict[str, str],
+        again: dict[str, str],
     ) -> list[tuple[Payload, str]]:
-        """Publish immediate outputs to broker ``name``; return those to dead-letter."""
+        """Publish immediate outputs to broker ``name``; return those to dead-letter, and note
+        in ``again`` the outputs refused for now (with why)."""
         published, broken = await isolate(
             self.outputs[name].process, payloads, "payler cannot publish it"
         )
@@ -333,8 +339,8 @@ class Handling:
             if rejection.permanent:
                 reason = f"output to {name}:{output.destination}: {rejection.reason}"
                 dead.append((output, reason))
-            else:  # refused for now: the input comes again, and its handler runs again
-                hand_back.setdefault(input_of[output.id], rejection.reason)
+            else:
+                again[output.id] = rejection.reason
         return dead
 
     async def _dead_letter(
@@ -344,6 +350,34 @@ class Handling:
         return await _dead_letter_or_park(
             dead, broker, storage, self.options.dead_letter_queue, self.ctx
         )
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a batch's outcomes come to: outputs to publish now (per output broker), entries to
+    store (delayed outputs, retries), dead letters; and which outcome each output stems from."""
+
+    immediate: dict[str, list[Payload]] = field(default_factory=dict)
+    later: list[Payload] = field(default_factory=list)
+    dead: list[tuple[Payload, str]] = field(default_factory=list)
+    outcome_of: dict[str, Outcome] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome, default_output: str, now_ms: int) -> None:
+        if outcome.dead is not None:
+            self.dead.append((outcome.delivery.payload, outcome.dead))
+            return
+        for broker, output in outcome.outputs:
+            name = broker or default_output
+            self.outcome_of[output.id] = outcome
+            if output.due_ms > now_ms:
+                spooled = f"{name}:{output.destination}"
+                self.later.append(output.model_copy(update={"destination": spooled}))
+            else:
+                self.immediate.setdefault(name, []).append(output)
+        if outcome.retry_at_ms is not None:
+            entry = _retry_entry(outcome)
+            self.outcome_of[entry.id] = outcome
+            self.later.append(entry)
 
 
 def _retry_entry(outcome: Outcome) -> Payload:
@@ -400,14 +434,14 @@ def run(app: Application, *, log_level: str = "INFO", **options: Any) -> None:
     """Run ``app`` as a ``handle`` workflow in this process, as ``payler`` runs a configuration:
     until SIGINT or SIGTERM. ``options`` are the workflow's (``queue=``, ``source_url=``,
     ``outputs=``, ``storage_url=``...); the HTTP server starts when ``PAYLER_HTTP_PORT`` is set.
-    Invalid options raise :class:`~payler.errors.ConfigError`; so does a start-up failure
-    (:class:`~payler.errors.StartupError`).
+    Invalid options, or a failure to start, end the process with exit status 2 and one line,
+    as ``payler`` does.
     """
     from pydantic import ValidationError  # noqa: PLC0415 - only this entry needs them
 
     from payler import cli, logs  # noqa: PLC0415
     from payler.config import Loaded, LoadedWorkflow, PaylerConfig, WorkflowConfig  # noqa: PLC0415
-    from payler.errors import ConfigError  # noqa: PLC0415
+    from payler.errors import ConfigError, StartupError  # noqa: PLC0415
     from payler.http.settings import resolve  # noqa: PLC0415
     from payler.runtime import Runtime  # noqa: PLC0415
 
@@ -415,7 +449,10 @@ def run(app: Application, *, log_level: str = "INFO", **options: Any) -> None:
     try:
         validated = HandleOptions.model_validate({"app": app, **options})
     except ValidationError as exc:
-        raise ConfigError(f"{app.name}: invalid handle options: {exc}") from None
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: {e['msg']}" for e in exc.errors()
+        )
+        cli._fail(ConfigError(f"{app.name}: {problems}"))
     entry = WorkflowConfig(name=app.name, callable="client.handle")
     config = PaylerConfig(workflows=[entry])
     loaded = Loaded(
@@ -424,7 +461,10 @@ def run(app: Application, *, log_level: str = "INFO", **options: Any) -> None:
         workflows=[LoadedWorkflow(0, entry, handle, validated)],
         http=resolve(None, os.environ, where="PAYLER_HTTP_PORT"),
     )
-    asyncio.run(cli._serve(Runtime(loaded)))
+    try:
+        asyncio.run(cli._serve(Runtime(loaded)))
+    except (ConfigError, StartupError) as exc:
+        cli._fail(exc)
 
 
 log = logging.getLogger("payler.processing")

@@ -174,8 +174,12 @@ async def test_refused_outputs_dead_letter_for_good_or_hand_the_source_back(
             return [Rejection(p.id, "the broker refused (nack) the publish") for p in batch]
 
         source.process = nack_all  # type: ignore[method-assign]
-        rejections = await handling.on_source([order(3)])
-        assert [(r.payload_id, r.permanent) for r in rejections] == [("amqp:orders:m3", False)]
+        assert await handling.on_source([order(3)]) == []  # acknowledged: it runs again later
+        entry = await storage.get("amqp:orders:m3#attempt-2")
+        assert entry is not None and entry.due_ms > clock.now_ms()  # with backoff
+        assert entry.last_error == (
+            "an output was refused for now: the broker refused (nack) the publish"
+        )
 
 
 async def test_the_breaker_stops_consuming_and_leaves_the_poison_in_the_source(
