@@ -56,6 +56,8 @@ def faststream_main() -> None:
     broker = RabbitBroker(
         os.environ["BENCH_AMQP_URL"],
         default_channel=Channel(prefetch_count=prefetch, publisher_confirms=True),
+        # No line per message, as payler (FastStream logs two per message at INFO by default).
+        logger=None,
     )
 
     # The default ack policy (REJECT_ON_ERROR) acknowledges after the handler *and* its
