@@ -171,13 +171,20 @@ class Handling:
     async def on_source(self, batch: Sequence[Payload]) -> list[Rejection]:
         """Run one source batch; return the messages to hand back to the source."""
         deliveries = []
+        renamed: dict[str, str] = {}  # random id → the id the source knows the message by
         for message in batch:
             payload = message
             if self.options.spool_id == "random" and is_content_id(message.id):
                 fresh = random_spool_id(message.id.partition(":")[0], message.source)
                 payload = message.model_copy(update={"id": fresh})
+                renamed[fresh] = message.id
             deliveries.append(Delivery(payload, payload.id, 1))
-        return await self._run(deliveries, self.storage)
+        rejections = await self._run(deliveries, self.storage)
+        # The source settles its messages by the ids it gave them: a hand-back must name those.
+        return [
+            Rejection(renamed.get(r.payload_id, r.payload_id), r.reason, r.permanent)
+            for r in rejections
+        ]
 
     async def _run(self, deliveries: Sequence[Delivery], storage: SpoolStorage) -> list[Rejection]:
         outcomes = await run_all(

@@ -187,9 +187,9 @@ async def test_the_breaker_stops_consuming_and_leaves_the_poison_in_the_source(
 ) -> None:
     source, _ = shop
     opts = options(make_app(), breaker={"max_consecutive_invalid": 3})
-    for n in range(10):
+    for n in range(10):  # AMQP messages without a message id: content ids, made random
         source.publish("orders", make_payload(b"poison", headers={"type": "order"},
-                                              payload_id=f"amqp:orders:p{n}"))  # fmt: skip
+                                              payload_id=f"amqp:orders:#p{n}"))  # fmt: skip
     ctx, task = await running(opts)
     try:
         await eventually(lambda: ctx.state == "tripped", 5, "the breaker tripped")
