@@ -275,3 +275,22 @@ async def test_a_batch_handler_takes_the_batch_and_its_failure_retries_each() ->
     assert calls == [[0, 1, 2], [3, 4]]
     assert len(outcomes[0].outputs) == 1 and outcomes[1].outputs == []
     assert [o.retry_at_ms is not None for o in outcomes] == [False, False, False, True, True]
+
+
+async def test_a_memory_source_waits_batch_wait_ms_for_a_batch_to_fill() -> None:
+    async with MemoryBroker("memory://fill", queue="in", batch_size=3, batch_wait_ms=10_000) as b:
+        stop = asyncio.Event()
+        sizes: list[int] = []
+
+        async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+            sizes.append(len(batch))
+            stop.set()
+            return []
+
+        b.publish("in", make_payload(b"1"))
+        serving = asyncio.create_task(b.serve(handler, stop))
+        await asyncio.sleep(0)  # the source has taken its first look
+        b.publish("in", make_payload(b"2"))
+        b.publish("in", make_payload(b"3"))
+        await asyncio.wait_for(serving, 5)
+    assert sizes == [3]

@@ -13,7 +13,7 @@ from payler.drivers.brokers.rabbitmq import RabbitMQBroker
 from payler.errors import StartupError, TransientError
 from payler.payload import Payload
 from payler.testing import make_payload
-from tests.conftest import AMQP_URL, Rabbit
+from tests.conftest import AMQP_URL, Rabbit, eventually
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -194,3 +194,33 @@ async def test_a_consumer_cancelled_by_the_broker_is_a_transient_error(
         await admin.queue_delete(source)  # the broker cancels the consumer; the channel stays
     with pytest.raises(TransientError, match="consumer"):
         await asyncio.wait_for(serving, 5)
+
+
+async def test_batch_wait_fills_a_batch_with_what_arrives_meanwhile(
+    broker: RabbitMQBroker, rabbit: Rabbit
+) -> None:
+    source = rabbit.queue_name("source")
+    await broker.ensure_queue(source)
+    broker.queue, broker.batch_size, broker.batch_wait_ms = source, 5, 10_000
+    stop = asyncio.Event()
+    batches: list[int] = []
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        batches.append(len(batch))
+        stop.set()
+        return []
+
+    async def publish_the_rest() -> None:
+        # Once the consumer holds the first message (none ready), the others follow.
+        async def none_ready() -> bool:
+            return await rabbit.count(source) == 0
+
+        await eventually(none_ready, 10, "the first message delivered")
+        for i in range(1, 5):
+            await rabbit.publish(source, aio_pika.Message(f"{i}".encode(), message_id=f"id-{i}"))
+
+    await rabbit.publish(source, aio_pika.Message(b"0", message_id="id-0"))
+    publisher = asyncio.create_task(publish_the_rest())
+    await asyncio.wait_for(broker.serve(handler, stop), 10)
+    await publisher
+    assert batches == [5]  # not [1, ...]: the batch waited to fill, and no longer than that
