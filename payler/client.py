@@ -8,6 +8,8 @@
   failures are retried with backoff, then dead-lettered after ``max_attempts``.
 - ``client.forward``: broker → broker, no spool. Consume a source; publish each message
   (confirmed) to its destination on another broker or the same; acknowledge the source after.
+- ``client.handle``: broker → your handlers → brokers, with delayed outputs and retries through
+  the spool (:mod:`payler.processing`).
 
 Source and destination brokers are chosen by URL, so the spool workflows also move messages
 between brokers: ``process_queue`` on a Kafka topic with ``watch_storage`` on RabbitMQ is a
@@ -33,6 +35,7 @@ from payler.isolation import describe, isolate
 from payler.logs import shown_headers
 from payler.options import ForwardOptions, ProcessQueueOptions, WatchStorageOptions
 from payler.payload import MessageProperties, Payload
+from payler.processing.options import HandleOptions
 from payler.scheduling import SchedulingRules, schedule
 from payler.scheduling import destination as route
 from payler.urls import mask_url
@@ -530,3 +533,14 @@ async def relay(
     # What the dead-letter destination refused goes back to the source too: without a spool,
     # the source keeps it (and hands it over again after a backoff).
     return back + [Rejection(r.payload_id, r.reason) for r in refused]
+
+
+async def handle(ctx: WorkflowContext) -> None:
+    """Run an application's handlers between a source and its outputs: see
+    :mod:`payler.processing.workflow`."""
+    from payler.processing.workflow import handle as run_handlers  # noqa: PLC0415 - no cycle
+
+    await run_handlers(ctx)
+
+
+handle.options_model = HandleOptions  # type: ignore[attr-defined]

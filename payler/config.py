@@ -12,6 +12,10 @@ The file is the original Payler's format, extended::
     stats_interval_seconds: 60          # optional
     http: {host: 127.0.0.1, port: 8000} # optional: metrics, probes, admin API (payler.http)
     startup_timeout_seconds: 60         # optional
+    plugins:                            # optional: drivers and serializers payler does not ship
+      brokers: {nats: "my_pkg.nats:NatsBroker"}
+      storages: {}
+      serializers: {"application/x-protobuf": "my_pkg.proto:serializer"}
 
 Every string may use ``${VAR}`` (the variable must be set) and ``${VAR:-default}`` (the default
 when it is unset or empty); ``$${`` writes a literal ``${``. Errors name the file, the key and
@@ -33,6 +37,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from payler import plugins
 from payler.errors import ConfigError
 from payler.http.settings import HttpConfig, HttpSettings
 from payler.http.settings import resolve as resolve_http
@@ -52,6 +57,17 @@ class WorkflowConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class PluginsConfig(BaseModel):
+    """``plugins``: by URL scheme (brokers, storages) or content type (serializers), the
+    ``module:attribute`` to use (see :mod:`payler.plugins`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    brokers: dict[str, str] = Field(default_factory=dict)
+    storages: dict[str, str] = Field(default_factory=dict)
+    serializers: dict[str, str] = Field(default_factory=dict)
+
+
 class PaylerConfig(BaseModel):
     """The whole file."""
 
@@ -63,6 +79,7 @@ class PaylerConfig(BaseModel):
     http: HttpConfig | None = None
     #: How long every workflow has to call ``ctx.ready()``; past it, payler exits (status 2).
     startup_timeout_seconds: float = Field(default=60.0, gt=0)
+    plugins: PluginsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +135,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Loaded:
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.append(folder)
+    if config.plugins is not None:
+        _register_plugins(path, config.plugins)
     workflows = [_load_workflow(path, i, entry) for i, entry in enumerate(config.workflows)]
     try:
         http = resolve_http(config.http, environ, where=f"{path}: http")
@@ -159,6 +178,31 @@ def expand(value: Any, environ: Mapping[str, str], *, path: str, key: str = "") 
         )
 
     return _VARIABLE.sub(substitute, value)
+
+
+def _register_plugins(path: Path, section: PluginsConfig) -> None:
+    """Import each plugin now (a typo is a start-up error naming its key), then register it."""
+    from payler.processing.serializers import register_serializer  # noqa: PLC0415 - no cycle
+
+    for kind, entries in (("brokers", section.brokers), ("storages", section.storages),
+                          ("serializers", section.serializers)):  # fmt: skip
+        for name, target in entries.items():
+            key = f"plugins.{kind}.{name}"
+            try:
+                loaded = plugins.load(target)
+            except Exception as exc:
+                raise ConfigError(
+                    f"{path}: {key}: cannot import {target!r}: {type(exc).__name__}: {exc}"
+                ) from None
+            if kind == "brokers":
+                plugins.register_broker(name, target)
+            elif kind == "storages":
+                plugins.register_storage(name, target)
+            else:
+                try:
+                    register_serializer(loaded() if isinstance(loaded, type) else loaded, name)
+                except TypeError as exc:
+                    raise ConfigError(f"{path}: {key}: {exc}") from None
 
 
 def _load_workflow(path: Path, index: int, entry: WorkflowConfig) -> LoadedWorkflow:

@@ -6,6 +6,8 @@ costs one dictionary lookup. Points:
 
 - ``after-store``: the ingest batch is durably stored, its source messages not yet acknowledged.
 - ``after-publish``: the due batch is confirmed by the broker, its spool entries not yet deleted.
+- ``after-outputs``: a ``handle`` workflow's outputs are published (confirmed) and stored, its
+  source messages (or spool entries) not yet acknowledged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 from typing import Literal
 
-FaultPoint = Literal["after-store", "after-publish"]
+FaultPoint = Literal["after-store", "after-publish", "after-outputs"]
 #: The exit status of an injected fault (that of a process killed by SIGKILL, as shells show it).
 FAULT_EXIT_STATUS = 137
 

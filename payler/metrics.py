@@ -61,6 +61,18 @@ def lateness_ms(now_ms: int, due_ms: int, received_ms: int) -> int:
     return now_ms - max(due_ms, received_ms)
 
 
+HandlerCounter = Literal[
+    "handled",  # messages a handler returned for (its outputs taken over by payler)
+    "outputs",  # outputs handlers returned (published now, or stored for later)
+    "failed",  # handler runs that raised (then retried, or dead-lettered at the last attempt)
+    "retried",  # failed runs scheduled again through the spool
+    "dead_lettered",  # messages dead-lettered by the handling (by reason class)
+]
+#: Every handler counter, in a stable order (``payler_handler_<name>_total``).
+HANDLER_COUNTERS: tuple[HandlerCounter, ...] = (
+    "handled", "outputs", "failed", "retried", "dead_lettered",
+)  # fmt: skip
+
 #: Lateness samples kept per interval; beyond it, a uniform-enough subsample is kept.
 _MAX_SAMPLES = 10_000
 
@@ -153,6 +165,25 @@ class Metrics:
         self._lateness: list[int] = []
         self._seen = 0
         self._max = 0
+        #: Per (handler, counter): what each handler of a ``handle`` workflow did.
+        self.handler_counts: Counter[tuple[str, str]] = Counter()
+        #: Per (handler, reason class): the messages each handler's runs dead-lettered.
+        self.handler_reasons: Counter[tuple[str, str]] = Counter()
+        #: Per handler: how long its runs took (wall time).
+        self.handler_durations: dict[str, Histogram] = {}
+
+    def handler(self, name: str, counter: HandlerCounter, n: int = 1, *, reason: str = "") -> None:
+        """Count ``n`` more ``counter`` for handler ``name`` (``reason``: a dead letter's
+        reason class)."""
+        self.handler_counts[(name, counter)] += n
+        if reason:
+            self.handler_reasons[(name, reason)] += n
+
+    def handler_duration(self, name: str, seconds: float) -> None:
+        histogram = self.handler_durations.get(name)
+        if histogram is None:
+            histogram = self.handler_durations[name] = Histogram(DURATION_BUCKETS)
+        histogram.observe(seconds)
 
     def incr(self, name: MetricName, n: int = 1, *, reasons: Iterable[str] = ()) -> None:
         """Count ``n`` more ``name``; ``reasons``: the reason class of each (dead letters)."""

@@ -15,8 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from payler.drivers.brokers import BROKER_SCHEMES
-from payler.drivers.storages import STORAGE_SCHEMES
+from payler.drivers import brokers, storages
 from payler.urls import mask_url, scheme_of
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
@@ -44,12 +43,12 @@ class _Options(BaseModel):
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, url: str) -> str:
-        return _known_scheme(url, BROKER_SCHEMES, "broker")
+        return _known_scheme(url, brokers.known_schemes(), "broker")
 
     @field_validator("storage_url")
     @classmethod
     def _known_storage(cls, url: str) -> str:
-        return _known_scheme(url, STORAGE_SCHEMES, "storage")
+        return _known_scheme(url, storages.known_schemes(), "storage")
 
 
 def _known_scheme(url: str, schemes: tuple[str, ...], what: str) -> str:
@@ -145,4 +144,4 @@ class ForwardOptions(BaseModel):
     @field_validator("source_url", "destination_url")
     @classmethod
     def _known_broker(cls, url: str) -> str:
-        return _known_scheme(url, BROKER_SCHEMES, "broker")
+        return _known_scheme(url, brokers.known_schemes(), "broker")

@@ -19,6 +19,9 @@ ReasonClass = Literal[
     "max-attempts",  # delivery failed max_attempts times
     "misfire",  # found later than max_lateness_ms
     "payler-error",  # a bug in payler, for this message alone
+    "unmatched",  # no handler matched the message, or several did (handle workflows)
+    "invalid",  # the message does not validate as its handler's type
+    "rejected",  # its handler rejected it (raised Reject)
     "other",
 ]
 
@@ -32,6 +35,9 @@ REASON_CLASSES: tuple[ReasonClass, ...] = (
     "max-attempts",
     "misfire",
     "payler-error",
+    "unmatched",
+    "invalid",
+    "rejected",
     "other",
 )
 
@@ -39,6 +45,9 @@ REASON_CLASSES: tuple[ReasonClass, ...] = (
 _RULES: tuple[tuple[ReasonClass, tuple[str, ...]], ...] = (
     ("max-attempts", ("gave up after",)),
     ("misfire", ("missed its due time",)),
+    ("rejected", ("rejected by handler",)),
+    ("unmatched", ("no handler matched", "ambiguous: ")),
+    ("invalid", ("does not validate",)),
     ("payler-error", ("a bug in payler", "cannot publish it", "cannot store it")),
     ("too-large", ("over the spool's limit", "too large", "larger than", "too big")),
     ("unroutable", ("unroutable", "no destination stream", "NO_ROUTE")),

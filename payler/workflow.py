@@ -20,7 +20,9 @@ configuration, with this signature::
   exported on ``/metrics``), and a logger named after the workflow.
 - ``ctx.state``: ``starting`` until ``ready()``, ``ready`` while it runs, ``restarting`` from a
   failure until the next run calls ``ready()`` again, ``stopped`` once it returned; the runtime
-  sets it and ``/readyz`` reports it.
+  sets it and ``/readyz`` reports it. ``tripped``: the workflow stopped consuming on its own
+  (``ctx.trip(reason)``: a ``handle`` workflow's dead-letter breaker) and stays so, restarts
+  included, until the daemon is restarted; it is not ready.
 
 The original Payler's signature, ``async def workflow(loop)``, still works: such a workflow gets
 the running event loop, and counts as ready at once.
@@ -36,9 +38,11 @@ from typing import Any, Literal
 from payler.clock import Clock, SystemClock
 from payler.metrics import Metrics
 
-WorkflowState = Literal["starting", "ready", "restarting", "stopped"]
+WorkflowState = Literal["starting", "ready", "restarting", "stopped", "tripped"]
 #: Every state, in a stable order (the ``payler_workflow_state`` gauge has one series each).
-WORKFLOW_STATES: tuple[WorkflowState, ...] = ("starting", "ready", "restarting", "stopped")
+WORKFLOW_STATES: tuple[WorkflowState, ...] = (
+    "starting", "ready", "restarting", "stopped", "tripped",
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -55,11 +59,22 @@ class WorkflowContext:
     state: WorkflowState = "starting"
     #: Why the workflow last failed (while ``restarting``), password-free.
     problem: str | None = None
+    #: Why the workflow tripped (``trip()``); kept for the life of the daemon.
+    tripped: str | None = None
 
     def ready(self) -> None:
         """Tell the runtime the workflow is connected and running: start-up succeeded."""
         self.started.set()
-        self.state, self.problem = "ready", None
+        if self.tripped is not None:
+            self.state, self.problem = "tripped", self.tripped
+        else:
+            self.state, self.problem = "ready", None
+
+    def trip(self, reason: str) -> None:
+        """Stop for good (until the daemon restarts): the workflow consumes no more, and
+        reports ``tripped`` with ``reason`` (not ready)."""
+        self.tripped = reason
+        self.state, self.problem = "tripped", reason
 
     @property
     def stopping(self) -> bool:

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from payler import __version__
 from payler.http.sampling import SpoolSampler
-from payler.metrics import HistogramName, MetricName
+from payler.metrics import HANDLER_COUNTERS, HistogramName, MetricName
 from payler.reasons import REASON_CLASSES
 from payler.workflow import WORKFLOW_STATES, WorkflowContext
 
@@ -65,6 +65,7 @@ class PaylerCollector(Collector):
         yield from _counters(contexts)
         yield from _histograms(contexts)
         yield from _gauges(contexts)
+        yield from _handlers(contexts)
         if self.sampler is not None:
             yield from self.sampler.metrics()
         info = InfoMetricFamily("payler_build", "payler's version and Python's.")
@@ -127,6 +128,45 @@ def _gauges(contexts: Sequence[WorkflowContext]) -> Iterator[Metric]:
             state.add_metric([ctx.name, name], 1 if ctx.state == name else 0)
     yield in_flight
     yield state
+
+
+#: What each per-handler counter (``payler_handler_<name>_total``) counts.
+HANDLER_HELP = {
+    "handled": "Messages a handler returned for (its outputs taken over by payler).",
+    "outputs": "Outputs handlers returned (published now, or stored for later).",
+    "failed": "Handler runs that raised (then retried, or dead-lettered at the last attempt).",
+    "retried": "Failed handler runs scheduled again through the spool, with backoff.",
+    "dead_lettered": "Messages the handling dead-lettered, by reason class.",
+}
+
+
+def _handlers(contexts: Sequence[WorkflowContext]) -> Iterator[Metric]:
+    """Per handler of the ``handle`` workflows (``handler`` is a handler's name, ``(none)``
+    for messages no handler took: undecodable, unmatched)."""
+    for counter in HANDLER_COUNTERS:
+        labels = ["workflow", "handler"] + (["reason"] if counter == "dead_lettered" else [])
+        family = CounterMetricFamily(
+            f"payler_handler_{counter}", HANDLER_HELP[counter], labels=labels
+        )
+        for ctx in contexts:
+            if counter == "dead_lettered":
+                for (handler, reason), n in sorted(ctx.metrics.handler_reasons.items()):
+                    family.add_metric([ctx.name, handler, reason], n)
+                continue
+            for (handler, name), n in sorted(ctx.metrics.handler_counts.items()):
+                if name == counter:
+                    family.add_metric([ctx.name, handler], n)
+        yield family
+    durations = HistogramMetricFamily(
+        "payler_handler_duration_seconds",
+        "How long one handler run took (a batch handler's: the whole batch).",
+        labels=["workflow", "handler"],
+    )
+    for ctx in contexts:
+        for handler, histogram in sorted(ctx.metrics.handler_durations.items()):
+            buckets = [(_bound(b), n) for b, n in histogram.cumulative()]
+            durations.add_metric([ctx.name, handler], buckets, histogram.sum)
+    yield durations
 
 
 def _bound(value: float) -> str:

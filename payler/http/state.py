@@ -47,13 +47,13 @@ class Readiness(BaseModel):
 
 def readiness(state: ServerState) -> Readiness:
     """Ready only while every workflow is ready (one that finished on its own counts as done,
-    not as unready), and the daemon is not stopping."""
+    not as unready; one that tripped its breaker is not ready), and the daemon is not stopping."""
     contexts = state.runtime.contexts
     workflows = {ctx.name: WorkflowStatus(state=ctx.state, problem=ctx.problem) for ctx in contexts}
     if state.stopping.is_set():
         return Readiness(ready=False, reason="payler is stopping", workflows=workflows)
     for ctx in contexts:
-        if ctx.state in ("starting", "restarting"):
+        if ctx.state in ("starting", "restarting", "tripped"):
             why = f"workflow {ctx.name!r} is {ctx.state}"
             if ctx.problem:
                 why += f" ({ctx.problem})"

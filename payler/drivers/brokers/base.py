@@ -76,11 +76,17 @@ class Broker(BaseDriver):
         publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        batch_wait_ms: int = 0,
     ) -> None:
         self.url = url
         self.queue = queue
         self.prefetch = prefetch
         self.batch_size = batch_size
+        #: As a source: how long ``serve`` waits, once a batch has its first message, for it to
+        #: fill up to ``batch_size`` (0: take what has arrived; RabbitMQ, Kafka and the
+        #: in-memory broker honour it, Redis streams read what is there). A bounded wait for
+        #: input on the event loop's own time, as a blocking read's timeout is.
+        self.batch_wait_ms = batch_wait_ms
         self.exchange = exchange
         #: The longest a publish (of a batch, confirmed) may take before it counts as an
         #: outage (:class:`~payler.errors.TransientError`): a watcher sets it below its lease,

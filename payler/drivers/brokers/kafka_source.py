@@ -107,6 +107,8 @@ class KafkaSource:
                 records = await consumer.getmany(
                     timeout_ms=self._poll_ms(), max_records=self.broker.batch_size
                 )
+                if records and self.broker.batch_wait_ms:
+                    await self._fill(consumer, records, stop)
                 if records:
                     async with self.guard.lock:  # a rebalance waits for this batch
                         await self._handle(consumer, records, handler)
@@ -127,6 +129,21 @@ class KafkaSource:
         resumed = [tp for tp in self.rewinds.due(self.broker.clock.now_ms()) if tp in owned]
         if resumed:
             consumer.resume(*resumed)
+
+    async def _fill(
+        self, consumer: Any, records: dict[Any, list[Any]], stop: asyncio.Event
+    ) -> None:
+        """Add to ``records`` what arrives within ``batch_wait_ms``, up to ``batch_size``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.broker.batch_wait_ms / 1000
+        while not stop.is_set():
+            wanted = self.broker.batch_size - sum(len(batch) for batch in records.values())
+            left_ms = int((deadline - loop.time()) * 1000)
+            if wanted <= 0 or left_ms <= 0:
+                return
+            more = await consumer.getmany(timeout_ms=min(left_ms, POLL_MS), max_records=wanted)
+            for tp, batch in more.items():
+                records.setdefault(tp, []).extend(batch)
 
     async def _handle(self, consumer: Any, records: dict[Any, list[Any]], handler: Handler) -> None:
         for tp, batch in records.items():

@@ -100,6 +100,9 @@ class MemoryBroker(Broker):
                     wake_s = (held[0][0] - now_ms) / 1000 if held else None
                     await self._wait(stop, wake_s)
                     continue
+                if self.batch_wait_ms and len(pending) < self.batch_size:
+                    await self._fill(pending, stop)
+                    now_ms = self.clock.now_ms()
                 batch = [
                     pending.popleft().model_copy(
                         update={
@@ -143,6 +146,18 @@ class MemoryBroker(Broker):
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+    async def _fill(self, pending: deque[Payload], stop: asyncio.Event) -> None:
+        """Wait up to ``batch_wait_ms`` (loop time) for ``batch_size`` messages to be there."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_ms / 1000
+        while len(pending) < self.batch_size and not stop.is_set():
+            self._queues.changed.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._queues.changed.wait()
+            except TimeoutError:
+                return
 
     async def peek(self, queue: str, limit: int) -> list[Payload]:
         return [p.model_copy(update={"source": queue}) for p in self.messages(queue)[:limit]]

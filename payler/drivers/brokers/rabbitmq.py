@@ -200,7 +200,9 @@ class RabbitMQBroker(Broker):
             try:
                 await consumer.start()
                 while not stop.is_set():
-                    batch = await consumer.next_batch(stop, self.batch_size)
+                    batch = await consumer.next_batch(
+                        stop, self.batch_size, self.batch_wait_ms / 1000
+                    )
                     if lost.is_set():
                         raise TransientError(
                             f"lost the RabbitMQ channel or consumer of {self.queue!r} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 
+from payler import plugins
 from payler.clock import Clock
 from payler.drivers.storages.base import DEFAULT_DEDUPE_WINDOW_MS, SpoolStorage
 from payler.errors import ConfigError
@@ -27,8 +28,32 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "memory": ("payler.drivers.storages.memory", "MemoryStorage"),
 }
 
-#: The URL schemes this module can open.
+#: The URL schemes this module can open (plugins add theirs: :func:`known_schemes`).
 STORAGE_SCHEMES = tuple(_BACKENDS)
+
+
+def known_schemes() -> tuple[str, ...]:
+    """The built-in schemes and those of plugins (:mod:`payler.plugins`)."""
+    return (*_BACKENDS, *(s for s in plugins.schemes(plugins.STORAGE_GROUP) if s not in _BACKENDS))
+
+
+def _backend(scheme: str, url: str) -> type[SpoolStorage]:
+    if scheme in _BACKENDS:
+        module_name, class_name = _BACKENDS[scheme]
+        backend: type[SpoolStorage] = getattr(importlib.import_module(module_name), class_name)
+        return backend
+    target = plugins.target_for(plugins.STORAGE_GROUP, scheme)
+    if target is None:
+        known = ", ".join(f"{s}://" for s in known_schemes())
+        raise ConfigError(f"storage URL {mask_url(url)!r}: unknown scheme; expected one of {known}")
+    try:
+        loaded: type[SpoolStorage] = plugins.load(target)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"storage URL {mask_url(url)!r}: the plugin {target!r} for {scheme}:// cannot be "
+            f"loaded: {exc}"
+        ) from None
+    return loaded
 
 
 def storage_from_url(
@@ -40,9 +65,5 @@ def storage_from_url(
 ) -> SpoolStorage:
     """The storage driver for ``url`` (not yet connected: use it as ``async with``)."""
     scheme = url.partition("://")[0].lower() if "://" in url else ""
-    if scheme not in _BACKENDS:
-        known = ", ".join(f"{s}://" for s in _BACKENDS)
-        raise ConfigError(f"storage URL {mask_url(url)!r}: unknown scheme; expected one of {known}")
-    module_name, class_name = _BACKENDS[scheme]
-    backend: type[SpoolStorage] = getattr(importlib.import_module(module_name), class_name)
+    backend = _backend(scheme, url)
     return backend(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)

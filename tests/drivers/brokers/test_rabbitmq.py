@@ -22,7 +22,7 @@ from payler.scheduling import SchedulingRules, schedule
 from payler.testing import make_payload
 from tests import pika_client
 from tests.assertions import assert_same
-from tests.conftest import AMQP_URL, Rabbit
+from tests.conftest import AMQP_URL, Rabbit, eventually
 from tests.pika_client import WireSeconds
 from tests.tcp_proxy import StallingProxy
 
@@ -389,3 +389,40 @@ async def test_a_publish_not_confirmed_in_time_is_an_outage(rabbit: Rabbit) -> N
             assert time.monotonic() - started < 2
         assert time.monotonic() - started < 10  # closing a stalled connection is bounded too
     assert [m.body for m in await rabbit.drain(out)] == [b"before"]
+
+
+async def test_batch_wait_fills_a_batch_with_what_arrives_meanwhile(
+    broker: RabbitMQBroker, rabbit: Rabbit
+) -> None:
+    source = rabbit.queue_name("source")
+    await broker.ensure_queue(source)
+    broker.queue, broker.batch_size, broker.batch_wait_ms = source, 5, 10_000
+    stop = asyncio.Event()
+    batches: list[int] = []
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        batches.append(len(batch))
+        if len(batches) == 2:
+            stop.set()
+        return []
+
+    async def publish_the_rest() -> None:
+        # Once the consumer holds the first message (none ready), the others follow.
+        async def none_ready() -> bool:
+            return await rabbit.count(source) == 0
+
+        await eventually(none_ready, 10, "the first message delivered")
+        for i in range(1, 5):
+            await rabbit.publish(source, aio_pika.Message(f"{i}".encode(), message_id=f"id-{i}"))
+
+    # A first message alone: the prefetch window starts at one message (it grows once the
+    # consumer has seen the body sizes), and a batch never waits for more than the window.
+    await rabbit.publish(source, aio_pika.Message(b"warm-up", message_id="id-warm-up"))
+    serving = asyncio.create_task(broker.serve(handler, stop))
+    await eventually(lambda: len(batches) == 1, 10, "the warm-up batch")
+    await rabbit.publish(source, aio_pika.Message(b"0", message_id="id-0"))
+    publisher = asyncio.create_task(publish_the_rest())
+    await asyncio.wait_for(serving, 10)
+    await publisher
+    # Not [1, 1, ...]: the batch waited to fill, and no longer than that.
+    assert batches == [1, 5]

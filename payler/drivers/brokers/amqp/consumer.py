@@ -132,9 +132,14 @@ class Consumer:
         # The broker cancelled the consumer, the channel staying open: a loss to restart from.
         self.lost.set()
 
-    async def next_batch(self, stop: asyncio.Event, limit: int) -> list[DeliveredMessage]:
+    async def next_batch(
+        self, stop: asyncio.Event, limit: int, wait_s: float = 0.0
+    ) -> list[DeliveredMessage]:
         """Wait for one message (or ``stop``, or ``lost``), then take whatever else has arrived,
-        up to ``limit`` messages and the window's byte budget."""
+        up to ``limit`` messages and the window's byte budget; with ``wait_s``, also what
+        arrives within that time while the batch is not full (never longer than the window
+        lets messages come: the broker sends no more than it while the batch is unacknowledged).
+        """
         inbox = self.inbox
         if inbox.empty():
             getter = asyncio.ensure_future(inbox.get())
@@ -152,6 +157,19 @@ class Consumer:
         while len(batch) < limit and not inbox.empty() and size < self.window.budget_bytes:
             batch.append(inbox.get_nowait())
             size += len(batch[-1].body)
+        if wait_s > 0:
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while (
+                len(batch) < min(limit, self.window.size - len(self._held))
+                and size < self.window.budget_bytes
+                and not (stop.is_set() or self.lost.is_set())
+            ):
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        batch.append(await inbox.get())
+                except TimeoutError:
+                    break
+                size += len(batch[-1].body)
         self.window.observe(len(m.body) for m in batch)
         return batch
 
