@@ -30,6 +30,11 @@ Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
   dead-letter destination refused even in its minimal form is kept here, never dropped. An id
   already taken is parked under that id plus a suffix (``!dead-<random>``).
 - ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
+- Wake-ups (optional): a backend whose server can tell it that *another* process stored an entry
+  (PostgreSQL's ``LISTEN``/``NOTIFY``) implements ``_start_wakeups`` and ``_stop_wakeups`` and
+  calls :meth:`SpoolStorage._stored_elsewhere` with the earliest due time it heard of: this
+  process's watchers then wake at once instead of at their poll bound. Without it (the default)
+  entries stored elsewhere are seen within ``max_poll_interval_s``.
 - Admin: ``get``, ``list`` (filters: destination, due range, state; cursor pagination in due order),
   ``count``, ``cancel`` (delete), ``reschedule`` (new due time, lease dropped: a delivery in
   progress of that entry can then no longer settle it, and it is delivered again when due).
@@ -88,8 +93,9 @@ class WatchSettings:
     """How a storage's watch loop (:meth:`SpoolStorage.serve`) claims and waits.
 
     The loop sleeps until the earliest visible entry, but never longer than
-    ``max_poll_interval_s`` (entries stored by *other* processes wake no one here) and never less
-    than ``min_poll_interval_s`` (so a storage error or a clock skew cannot make it spin).
+    ``max_poll_interval_s`` (entries stored by *other* processes wake no one here, unless the
+    storage has wake-ups of its own: PostgreSQL's ``NOTIFY``) and never less than
+    ``min_poll_interval_s`` (so a storage error or a clock skew cannot make it spin).
     A transient rejection is retried after ``retry_base_s * 2**attempts`` seconds (with jitter),
     capped at ``retry_max_s``.
     """
@@ -254,6 +260,8 @@ class SpoolStorage(BaseDriver):
         """
         settings = settings or WatchSettings()
         watcher = _Watcher()
+        # Before the first query: a store that commits while it runs must still wake us.
+        await self._start_wakeups()
         _board.add(self.url, watcher)
         try:
             while not stop.is_set():
@@ -266,6 +274,12 @@ class SpoolStorage(BaseDriver):
                 await self._wait_for_due(watcher, stop, settings)
         finally:
             _board.remove(self.url, watcher)
+            await asyncio.shield(self._stop_wakeups())
+
+    def _stored_elsewhere(self, earliest_due_ms: int) -> None:
+        """For backends: another process stored (or rescheduled) entries, the earliest due at
+        ``earliest_due_ms``; wake this process's watchers of this spool that sleep past it."""
+        _board.stored(self.url, earliest_due_ms)
 
     async def _hand_over(
         self, handler: Handler, claims: Sequence[Claim], settings: WatchSettings
@@ -349,6 +363,14 @@ class SpoolStorage(BaseDriver):
             watcher.wake_at_ms = None
 
     # -- backend hooks ---------------------------------------------------------------------------
+
+    async def _start_wakeups(self) -> None:
+        """Start hearing of stores made by other processes (a watch loop begins); call
+        :meth:`_stored_elsewhere` for each. Called once per watch loop; must not raise for a
+        missing feature (the loop then polls). Default: nothing to hear, the loop polls."""
+
+    async def _stop_wakeups(self) -> None:
+        """Undo one :meth:`_start_wakeups` (a watch loop ends). Default: nothing."""
 
     @abstractmethod
     async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
