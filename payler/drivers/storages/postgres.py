@@ -35,11 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -56,6 +55,8 @@ from payler.drivers.storages.base import (
     encode_cursor,
     new_token,
 )
+from payler.drivers.storages.postgres_listen import ERRORS, Listener
+from payler.drivers.storages.postgres_settings import channel_of, split_settings
 from payler.drivers.storages.postgres_sql import (
     MIGRATIONS,
     PAYLOAD_COLUMNS,
@@ -68,14 +69,14 @@ from payler.drivers.storages.postgres_sql import (
     quote_ident,
     to_text,
 )
-from payler.errors import ConfigError, StartupError, TransientError
+from payler.errors import StartupError, TransientError
 from payler.metrics import Metrics
 from payler.payload import Payload
 from payler.urls import mask_url, redact
 
 log = logging.getLogger("payler.storage.postgres")
 
-#: A connection of our own (the listener's) or one lent by the pool.
+#: A connection: one of our own, or one lent by the pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,8 +87,6 @@ _STORE_CHUNK = 1000
 _STORE_CHUNK_BYTES = 16 * 1024 * 1024
 #: Tombstones deleted per purge statement; a purge that finds more goes on in the background.
 _PURGE_BATCH = 5000
-#: How often the listening connection proves it is alive (a silently dropped one hears nothing).
-_LISTEN_HEARTBEAT_S = 30.0
 #: Attempts at creating the schema when instances starting together race for it.
 _MIGRATE_ATTEMPTS = 5
 #: SQLSTATEs (or their classes) that mean "the database cannot do it now", not "never": lost
@@ -95,9 +94,6 @@ _MIGRATE_ATTEMPTS = 5
 #: statements (57), serialization failures and deadlocks (40001, 40P01), a read-only server
 #: (25006: a standby after a failover), a lock not available (55P03).
 _OUTAGE_STATES = ("08", "53", "57", "40001", "40P01", "25006", "55P03")
-#: What asyncpg raises (besides a value's own errors): is_outage() sorts it out.
-_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -122,7 +118,7 @@ def _transient(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await hook(*args, **kwargs)
-        except _ERRORS as exc:
+        except ERRORS as exc:
             if is_outage(exc):
                 raise TransientError(f"PostgreSQL spool: {type(exc).__name__}: {exc}") from exc
             raise
@@ -158,8 +154,7 @@ class PostgresStorage(SpoolStorage):
         self._pool: asyncpg.Pool | None = None
         self._sql = Statements("")
         self.channel = ""
-        self._listener: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
+        self._listener: Listener | None = None
         self._watch_loops = 0
         self._purging: asyncio.Task[None] | None = None
 
@@ -185,7 +180,7 @@ class PostgresStorage(SpoolStorage):
                 if not schema:
                     raise StartupError("the connection has no current schema: set ?schema=")
                 await self._migrate(conn, schema)
-        except (*_ERRORS, ValueError) as exc:
+        except (*ERRORS, ValueError) as exc:
             await self.close()
             what = redact(f"{type(exc).__name__}: {exc}", self.url)
             raise StartupError(
@@ -247,17 +242,18 @@ class PostgresStorage(SpoolStorage):
         return int(found or 0)
 
     async def close(self) -> None:
-        for task in (self._listener, self._purging):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        if self._listener is not None:
+            await self._listener.stop()
+        if self._purging is not None:
+            self._purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._purging
         self._listener = self._purging = None
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), self.connect_timeout_s)
-            except _ERRORS:
+            except ERRORS:
                 pool.terminate()  # the server is gone: do not wait for goodbyes
 
     @property
@@ -343,7 +339,7 @@ class PostgresStorage(SpoolStorage):
         try:
             while _row_count(await self.pool.execute(self._sql.purge, now_ms, _PURGE_BATCH)):
                 pass
-        except _ERRORS as exc:
+        except ERRORS as exc:
             log.warning(
                 "purging delivered entries' tombstones stopped (next purge goes on): %s", exc
             )
@@ -428,131 +424,28 @@ class PostgresStorage(SpoolStorage):
         )
         return bool(found and found["n"])
 
-    # -- wake-ups: LISTEN ------------------------------------------------------------------------
+    # -- wake-ups: LISTEN (postgres_listen.py) ------------------------------------------------
 
     async def _start_wakeups(self) -> None:
         self._watch_loops += 1
-        if not self.notify or self._listener is not None:
+        if not self.notify:
             return
-        self._listening.clear()
-        self._listener = asyncio.create_task(self._listen())
-        # The watch loop's first query must come after LISTEN, or a store committed between
-        # the two would wake no one; a listener that cannot connect does not hold it up long.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.connect_timeout_s):
-                await self._listening.wait()
+        if self._listener is None:
+            self._listener = Listener(
+                self._dsn,
+                self.channel,
+                self._stored_elsewhere,
+                connect_options=self._connect_options(),
+                connect_timeout_s=self.connect_timeout_s,
+                command_timeout_s=self.command_timeout_s,
+            )
+        await self._listener.start()
 
     async def _stop_wakeups(self) -> None:
         self._watch_loops -= 1
-        if self._watch_loops > 0 or self._listener is None:
-            return
-        listener, self._listener = self._listener, None
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await listener
-
-    async def _listen(self) -> None:
-        """Keep one connection listening on the channel; reconnect with backoff when it goes."""
-        backoff, failures = Backoff(base_s=0.5, max_s=30.0), 0
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(
-                    self._dsn, timeout=self.connect_timeout_s, **self._connect_options()
-                )
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(self.channel, self._heard)
-                if failures:  # stores made while we were deaf: look again now
-                    self._stored_elsewhere(0)
-                failures = 0
-                self._listening.set()
-                await self._heartbeat(conn, lost)
-            except asyncpg.FeatureNotSupportedError as exc:
-                log.warning("no LISTEN here (%s): watchers poll; set ?notify=false", exc)
-                self._listening.set()
-                return
-            except _ERRORS as exc:
-                log.warning("PostgreSQL spool: listening for stores failed, again soon: %s", exc)
-            finally:
-                if conn is not None:
-                    conn.terminate()
-            self._listening.set()  # deaf for now: the watch loop polls meanwhile
-            await asyncio.sleep(backoff.delay_s(failures))
-            failures += 1
-
-    async def _heartbeat(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
-        """Return when the listening connection is lost, which a query now and then proves
-        (a connection whose peer vanished without a word would otherwise hear nothing)."""
-        while not lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_LISTEN_HEARTBEAT_S):
-                    await lost.wait()
-            if not lost.is_set():
-                await conn.fetchval("SELECT 1", timeout=self.command_timeout_s)
-
-    def _heard(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            earliest_due_ms = int(str(payload))
-        except ValueError:  # not ours (someone else's NOTIFY on the channel): look anyway
-            earliest_due_ms = 0
-        self._stored_elsewhere(earliest_due_ms)
-
-
-# -- URLs ------------------------------------------------------------------------------------------
-
-
-class Settings:
-    """What a ``postgresql://`` URL says: asyncpg's DSN and payler's own parameters."""
-
-    def __init__(
-        self, dsn: str, schema: str, pool_size: int, notify: bool, command_timeout_s: float
-    ) -> None:
-        self.dsn, self.schema, self.pool_size = dsn, schema, pool_size
-        self.notify, self.command_timeout_s = notify, command_timeout_s
-
-
-def split_settings(url: str) -> Settings:
-    """Take payler's parameters out of ``url``; raise :class:`ConfigError` on a bad one."""
-    parts = urlsplit(url)
-    ours = {"schema", "pool_size", "notify", "command_timeout"}
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    given = {name: value for name, value in query if name in ours}
-    rest = urlencode([(name, value) for name, value in query if name not in ours])
-    dsn = urlunsplit(parts._replace(query=rest))
-
-    def bad(name: str, expected: str) -> ConfigError:
-        return ConfigError(
-            f"storage URL {mask_url(url)!r}: {name}={given[name]!r} is not {expected}"
-        )
-
-    schema = given.get("schema", "")
-    if "\x00" in schema or ("schema" in given and not schema.strip()):
-        raise bad("schema", "a schema name")
-    try:
-        pool_size = int(given.get("pool_size", "4"))
-    except ValueError:
-        raise bad("pool_size", "a whole number") from None
-    if not 1 <= pool_size <= 100:
-        raise bad("pool_size", "between 1 and 100")
-    notify_text = given.get("notify", "true").lower()
-    if notify_text not in _TRUE | _FALSE:
-        raise bad("notify", "true or false")
-    try:
-        command_timeout_s = float(given.get("command_timeout", "30"))
-    except ValueError:
-        raise bad("command_timeout", "a number of seconds") from None
-    if not command_timeout_s > 0:
-        raise bad("command_timeout", "a positive number of seconds")
-    return Settings(dsn, schema, pool_size, notify_text in _TRUE, command_timeout_s)
-
-
-def channel_of(schema: str) -> str:
-    """The ``NOTIFY`` channel of the spool in ``schema`` (an identifier: at most 63 bytes)."""
-    channel = f"payler_spool.{schema}"
-    if len(channel.encode()) <= 63:
-        return channel
-    return f"payler_spool.{hashlib.sha256(schema.encode()).hexdigest()[:32]}"
+        if self._watch_loops <= 0 and self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.stop()
 
 
 # -- rows ------------------------------------------------------------------------------------------
@@ -597,4 +490,4 @@ def _payload(row: asyncpg.Record) -> Payload:
     )
 
 
-__all__ = ["PostgresStorage", "channel_of", "is_outage", "split_settings"]
+__all__ = ["PostgresStorage", "is_outage"]

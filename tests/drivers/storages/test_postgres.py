@@ -17,7 +17,8 @@ import pytest
 from payler.drivers.base import Rejection
 from payler.drivers.storages import postgres, storage_from_url
 from payler.drivers.storages.base import WatchSettings
-from payler.drivers.storages.postgres import PostgresStorage, channel_of, is_outage, split_settings
+from payler.drivers.storages.postgres import PostgresStorage, is_outage
+from payler.drivers.storages.postgres_settings import channel_of, split_settings
 from payler.drivers.storages.postgres_sql import from_text, to_text
 from payler.errors import ConfigError, StartupError, TransientError
 from payler.payload import MessageProperties, Payload
@@ -388,7 +389,12 @@ async def test_a_store_in_another_process_wakes_the_watcher_at_once(
         watching = asyncio.create_task(watch_until(storage, delivered, stop))
         try:
             # The watcher is asleep for its 120 s poll bound once it has listened and looked.
-            await asyncio.wait_for(storage._listening.wait(), 10)
+            for _ in range(1000):  # bounded: 10 s
+                if storage._listener is not None and storage._listener.tried.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the watch loop never listened")
             if restart_listener:  # the listening connection dies: it is made again
                 listening = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
                 listening += " AND query LIKE 'LISTEN%'"
