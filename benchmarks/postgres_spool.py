@@ -55,6 +55,16 @@ def cpu_of(pids: Sequence[int]) -> float:
     return total
 
 
+async def wal_position(admin: asyncpg.Connection) -> str:
+    return str(await admin.fetchval("SELECT pg_current_wal_lsn()::text"))
+
+
+async def wal_bytes_since(admin: asyncpg.Connection, start: str) -> int:
+    """WAL the whole server wrote since ``start`` (other databases' writes would count too)."""
+    diff = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)"
+    return int(await admin.fetchval(diff, start))
+
+
 async def backends(admin: asyncpg.Connection, name: str) -> list[int]:
     rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", name)
     return [row["pid"] for row in rows]
@@ -135,16 +145,20 @@ async def measure_store(
     entries = payloads(args.count, args.size, int(time.time() * 1000) + 86_400_000, f"n{notify}")
     async with PostgresStorage(url, dedupe_window_ms=0) as storage:
         pids = await backends(admin, name)
+        wal0 = await wal_position(admin)
         server0, client0, wall0 = cpu_of(pids), time.process_time(), time.perf_counter()
         for start in range(0, len(entries), args.batch):
             await storage.store(entries[start : start + args.batch])
         wall = time.perf_counter() - wall0
         client = time.process_time() - client0
         server = cpu_of(await backends(admin, name)) - server0
-    return per_message(args.count, wall, client, server)
+        wal = await wal_bytes_since(admin, wal0)
+    return per_message(args.count, wall, client, server, wal)
 
 
-async def measure_drain(args: argparse.Namespace, schema: str, claimants: int) -> dict[str, float]:
+async def measure_drain(
+    args: argparse.Namespace, admin: asyncpg.Connection, schema: str, claimants: int
+) -> dict[str, float]:
     command = [sys.executable, __file__, "--batch", str(args.batch), "--claimant"]
     processes = [
         await asyncio.create_subprocess_exec(
@@ -154,7 +168,9 @@ async def measure_drain(args: argparse.Namespace, schema: str, claimants: int) -
         )
         for _ in range(claimants)
     ]
+    wal0 = await wal_position(admin)
     outs = await asyncio.gather(*(p.communicate() for p in processes))
+    wal = await wal_bytes_since(admin, wal0)
     results = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outs]
     claimed = sum(r["claimed"] for r in results)
     acked = sum(r["acked"] for r in results)
@@ -163,6 +179,7 @@ async def measure_drain(args: argparse.Namespace, schema: str, claimants: int) -
         max(r["wall_s"] for r in results),
         sum(r["cpu_s"] for r in results),
         sum(r["server_cpu_s"] for r in results),
+        wal,
     )
     row.update(claimants=claimants, duplicates=claimed - acked)
     return row
@@ -178,13 +195,15 @@ async def measure_purge(
             f"SELECT count(*) FROM \"{schema}\".payler_spool WHERE state = 'delivered'"
         )
         pids = await backends(admin, name)
+        wal0 = await wal_position(admin)
         server0, wall0 = cpu_of(pids), time.perf_counter()
         await storage._purge_tombstones(storage.clock.now_ms() + storage.dedupe_window_ms + 1)
         if storage._purging is not None:
             await storage._purging
         wall = time.perf_counter() - wall0
         server = cpu_of(await backends(admin, name)) - server0
-    return per_message(count, wall, 0.0, server)
+        wal = await wal_bytes_since(admin, wal0)
+    return per_message(count, wall, 0.0, server, wal)
 
 
 async def measure_wakeups(args: argparse.Namespace, schema: str) -> dict[str, float]:
@@ -213,22 +232,23 @@ async def measure_wakeups(args: argparse.Namespace, schema: str) -> dict[str, fl
             await process.wait()
     ordered = sorted(latencies)
     return {
-        "p50_ms": statistics.median(ordered),
-        "p95_ms": ordered[max(0, round(0.95 * len(ordered)) - 1)],
-        "max_ms": ordered[-1],
+        "p50_ms": round(statistics.median(ordered), 1),
+        "p95_ms": round(ordered[max(0, round(0.95 * len(ordered)) - 1)], 1),
+        "max_ms": round(ordered[-1], 1),
         "n": len(ordered),
     }
 
 
-def per_message(count: int, wall: float, client: float, server: float | None) -> dict[str, float]:
-    row = {
+def per_message(
+    count: int, wall: float, client: float, server: float, wal: int
+) -> dict[str, float]:
+    return {
         "count": count,
-        "msg_s": count / wall if wall else 0.0,
-        "payler_us": 1e6 * client / max(1, count),
+        "msg_s": round(count / wall if wall else 0.0),
+        "payler_us": round(1e6 * client / max(1, count), 1),
+        "postgres_us": round(1e6 * server / max(1, count), 1),
+        "wal_bytes": round(wal / max(1, count)),
     }
-    if server is not None:
-        row["postgres_us"] = 1e6 * server / max(1, count)
-    return row
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -247,7 +267,7 @@ async def main(args: argparse.Namespace) -> None:
                                    f"c{claimants}")  # fmt: skip
                 for start in range(0, len(entries), 1000):
                     await s.store(entries[start : start + 1000])
-            results[f"drain_{claimants}"] = await measure_drain(args, schema, claimants)
+            results[f"drain_{claimants}"] = await measure_drain(args, admin, schema, claimants)
         results["purge"] = await measure_purge(args, admin, schema)
         if args.wakeups:
             results["wakeups"] = await measure_wakeups(args, schema)
