@@ -115,6 +115,18 @@ async def test_a_newer_schema_makes_payler_exit_2(
     assert "schema version 999, newer than this payler knows" in payler.log
 
 
+async def test_a_bad_url_parameter_makes_payler_exit_2(postgres_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "configuration.yaml"
+    config.write_text("workflows:\n  - callable: client.watch_storage\n")
+    env = {
+        "PAYLER_STORAGE_URL": f"{postgres_url}&pool_size=lots",
+        "BROKER_URL": "amqp://guest:guest@127.0.0.1:1/",
+    }
+    payler = await Payler.start(config, env, tmp_path)
+    assert await payler.wait() == 2, payler.log
+    assert "pool_size='lots' is not a whole number" in payler.log
+
+
 async def test_an_older_schema_is_migrated(
     postgres_url: str, raw: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
