@@ -209,9 +209,14 @@ class PostgresStorage(SpoolStorage):
         quoted = quote_ident(schema)
         for attempt in range(_MIGRATE_ATTEMPTS):
             try:
-                if self._schema:
+                # Created only when missing: IF NOT EXISTS alone still asks for the CREATE
+                # privilege, which a role that only reads and writes the spool lacks.
+                exists = "SELECT 1 FROM pg_namespace WHERE nspname = $1"
+                if self._schema and not await conn.fetchval(exists, schema):
                     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
-                await conn.execute(VERSION_DDL.format(s=quoted))
+                table = f"{quoted}.payler_schema_version"
+                if await conn.fetchval("SELECT to_regclass($1)::text", table) is None:
+                    await conn.execute(VERSION_DDL.format(s=quoted))
                 while (version := await self._version(conn, quoted)) < SCHEMA_VERSION:
                     async with conn.transaction():
                         await conn.execute(

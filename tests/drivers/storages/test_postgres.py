@@ -149,6 +149,29 @@ async def test_an_older_schema_is_migrated(
     assert "tenant" in {r["column_name"] for r in columns}
 
 
+async def test_a_role_that_only_reads_and_writes_the_spool_can_run_it(
+    postgres_url: str, raw: asyncpg.Connection
+) -> None:
+    # An administrator created the schema (as the owner) and granted the spool's tables only.
+    async with PostgresStorage(postgres_url) as owner:
+        schema = owner.schema
+    role = f"payler_rw_{uuid.uuid4().hex[:8]}"
+    await raw.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        await raw.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        await raw.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}'
+        )
+        scheme, _, rest = postgres_url.partition("://")
+        async with PostgresStorage(f"{scheme}://{role}@{rest.partition('@')[2]}") as storage:
+            await storage.store([payload("a")])
+            [claim] = await storage.claim_due(T0, 10, LEASE)
+            assert await storage.ack([claim]) == 1
+    finally:
+        await raw.execute(f"DROP OWNED BY {role}")
+        await raw.execute(f"DROP ROLE {role}")
+
+
 async def test_instances_starting_together_on_a_new_schema(postgres_url: str) -> None:
     storages = [PostgresStorage(postgres_url) for _ in range(6)]
     try:
