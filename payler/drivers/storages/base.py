@@ -260,10 +260,10 @@ class SpoolStorage(BaseDriver):
         """
         settings = settings or WatchSettings()
         watcher = _Watcher()
-        # Before the first query: a store that commits while it runs must still wake us.
-        await self._start_wakeups()
-        _board.add(self.url, watcher)
         try:
+            # Before the first query: a store that commits while it runs must still wake us.
+            await self._start_wakeups()
+            _board.add(self.url, watcher)
             while not stop.is_set():
                 now_ms = self.clock.now_ms()
                 claims = await self.claim_due(now_ms, settings.batch_size, settings.lease_ms)
@@ -366,8 +366,9 @@ class SpoolStorage(BaseDriver):
 
     async def _start_wakeups(self) -> None:
         """Start hearing of stores made by other processes (a watch loop begins); call
-        :meth:`_stored_elsewhere` for each. Called once per watch loop; must not raise for a
-        missing feature (the loop then polls). Default: nothing to hear, the loop polls."""
+        :meth:`_stored_elsewhere` for each. Called once per watch loop, and followed by one
+        :meth:`_stop_wakeups` even if it raised (a cancellation); must not raise for a missing
+        feature (the loop then polls). Default: nothing to hear, the loop polls."""
 
     async def _stop_wakeups(self) -> None:
         """Undo one :meth:`_start_wakeups` (a watch loop ends). Default: nothing."""
