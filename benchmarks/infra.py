@@ -370,7 +370,7 @@ def child_env(**overrides: str) -> dict[str, str]:
 # -- CPU accounting ----------------------------------------------------------------------------
 
 #: Server processes the benchmark uses (by their ``comm``), counted apart from other load.
-SERVICES = frozenset({"redis-server", "epmd", "erl_child_setup", "inet_gethost"})
+SERVICES = frozenset({"redis-server", "postgres", "epmd", "erl_child_setup", "inet_gethost"})
 _TICK = os.sysconf("SC_CLK_TCK")
 
 

@@ -80,6 +80,7 @@ class Settings:
 
     amqp_url: str
     redis_url: str
+    postgres_url: str
     count: int
     size: int
     persistent: bool
@@ -154,6 +155,23 @@ async def drop_redis_prefix(redis_url: str, prefix: str, timeout_s: float = 600)
     finally:
         await client.aclose()
     return deleted
+
+
+def postgres_storage_url(settings: Settings, label: str) -> tuple[str, str]:
+    """A PostgreSQL spool URL with a schema of this run's own: (URL, schema)."""
+    schema = f"bench_{settings.run_id}_{label}_{uuid.uuid4().hex[:6]}"
+    separator = "&" if "?" in settings.postgres_url else "?"
+    return f"{settings.postgres_url}{separator}schema={schema}", schema
+
+
+async def drop_postgres_schema(postgres_url: str, schema: str) -> None:
+    import asyncpg  # noqa: PLC0415  (only the PostgreSQL rows need it)
+
+    conn = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 async def redis_used_memory(redis_url: str) -> int:
@@ -298,7 +316,10 @@ def profile_summary(collapsed: Path, top: int = 20) -> str:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    libraries = ("payler/", "aio_pika/", "aiormq/", "pamqp/", "aiosqlite/", "redis/", "pydantic")
+    libraries = (
+        *("payler/", "aio_pika/", "aiormq/", "pamqp/"),
+        *("aiosqlite/", "redis/", "asyncpg/", "pydantic"),
+    )
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit():
@@ -434,12 +455,19 @@ async def throughput_relay(settings: Settings) -> Row:
 
 
 async def throughput_payler(settings: Settings, key: str) -> Row:
-    """payler with the SQLite (``key="sqlite"``) or Redis (``"redis"``) storage."""
-    title = {"sqlite": "payler + SQLite (embedded)", "redis": "payler + Redis"}[key]
+    """payler with the SQLite (``key="sqlite"``), Redis (``"redis"``) or PostgreSQL
+    (``"postgres"``) storage."""
+    title = {
+        "sqlite": "payler + SQLite (embedded)",
+        "redis": "payler + Redis",
+        "postgres": "payler + PostgreSQL",
+    }[key]
     row = Row(key, title, "throughput", settings.count)
-    prefix = None
+    prefix = schema = None
     if key == "sqlite":
         storage_url = f"sqlite:///{settings.work_dir / 'throughput-sqlite' / 'spool.db'}"
+    elif key == "postgres":
+        storage_url, schema = postgres_storage_url(settings, "throughput")
     else:
         storage_url, prefix = redis_storage_url(settings, "throughput")
     reason = await payler_check(settings, storage_url, f"throughput-{key}")
@@ -452,6 +480,8 @@ async def throughput_payler(settings: Settings, key: str) -> Row:
             row.extra["redis_keys_left_then_deleted"] = await drop_redis_prefix(
                 settings.redis_url, prefix
             )
+        if schema:
+            await drop_postgres_schema(settings.postgres_url, schema)
 
 
 async def _throughput_payler(settings: Settings, row: Row, storage_url: str) -> Row:
@@ -662,7 +692,11 @@ async def steady(settings: Settings, key: str, storage_url: str | None = None) -
     Lateness = arrival − (publish time + delay): what the producer sees, both broker hops in.
     For the relay (``storage_url`` None) the delay is 0: its figure is the bare transit time.
     """
-    titles = {"relay": "aio-pika relay (transit only)", "sqlite": "payler + SQLite"}
+    titles = {
+        "relay": "aio-pika relay (transit only)",
+        "sqlite": "payler + SQLite",
+        "postgres": "payler + PostgreSQL",
+    }
     title = titles.get(key, "payler + Redis")
     total = round(settings.steady_rate * settings.steady_seconds)
     row = Row(key, title, "steady", total)
@@ -738,6 +772,12 @@ async def steady_payler(settings: Settings, key: str) -> Row:
     if key == "sqlite":
         url = f"sqlite:///{settings.work_dir / 'steady-sqlite' / 'spool.db'}"
         return await steady(settings, key, url)
+    if key == "postgres":
+        url, schema = postgres_storage_url(settings, "steady")
+        try:
+            return await steady(settings, key, url)
+        finally:
+            await drop_postgres_schema(settings.postgres_url, schema)
     url, prefix = redis_storage_url(settings, "steady")
     try:
         return await steady(settings, key, url)

@@ -33,7 +33,7 @@ from rows import Row, Settings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ROWS = ("relay", "sqlite", "redis", "payler-0.2")
+ROWS = ("relay", "sqlite", "redis", "postgres", "payler-0.2")
 MODES = ("throughput", "steady", "pending")
 DEFAULT_PENDING = 1_000_000
 DEFAULT_VENV = HERE / ".venv-payler-0.2"
@@ -127,6 +127,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Redis server (database 0, keys under a prefix of the run's own); 127.0.0.1 only",
     )
     parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="PostgreSQL database (tables in a schema of the run's own, dropped afterwards); "
+        "127.0.0.1 only",
+    )
+    parser.add_argument(
         "--payler02-venv", type=Path, default=DEFAULT_VENV, help="the original Payler's venv"
     )
     parser.add_argument(
@@ -146,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.pending = DEFAULT_PENDING
     require_local(args.amqp_url)
     require_local(args.redis_url)
+    require_local(args.postgres_url)
     if args.count <= 0 or args.payler02_count <= 0 or args.size < 16:
         parser.error("--count and --payler02-count must be positive, --size at least 16")
     return args
@@ -223,7 +232,7 @@ def plan(args: argparse.Namespace, settings: Settings) -> list[Step]:
     if "throughput" in args.modes:
         if "relay" in args.rows:
             steps.append(("relay throughput", lambda: bench.throughput_relay(settings), ""))
-        for key in ("sqlite", "redis"):
+        for key in ("sqlite", "redis", "postgres"):
             if key in args.rows:
                 steps.append(
                     (
@@ -239,7 +248,7 @@ def plan(args: argparse.Namespace, settings: Settings) -> list[Step]:
             suffix = f" (run {number}/{args.steady_repeat})" if args.steady_repeat > 1 else ""
             if "relay" in args.rows:
                 steps.append(("relay steady", lambda: bench.steady(settings, "relay"), suffix))
-            for key in ("sqlite", "redis"):
+            for key in ("sqlite", "redis", "postgres"):
                 if key in args.rows:
                     steps.append(
                         (
@@ -257,6 +266,7 @@ async def run(args: argparse.Namespace, results_dir: Path, work_dir: Path) -> di
     settings = Settings(
         amqp_url=args.amqp_url,
         redis_url=args.redis_url,
+        postgres_url=args.postgres_url,
         count=args.count,
         size=args.size,
         persistent=not args.transient,
@@ -346,6 +356,7 @@ async def _machine(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "rabbitmq": rabbit,
         "redis": quiet(["redis-server", "--version"]).split(" v=")[-1].split()[0:1],
+        "postgres": quiet(["psql", "--version"]).rpartition(" ")[2],
         "payler_commit": f"{commit}{' + uncommitted changes in payler/' if dirty else ''}",
     }
 
@@ -507,7 +518,7 @@ def _targets(rows: list[Row], relay: Row | None) -> list[str]:
         "| row | ingest ≥ 80 % | re-injection ≥ 80 % | steady p99 ≤ 25 ms | RSS < 200 MB |",
         "|---|---|---|---|---|",
     ]
-    for key in ("sqlite", "redis", "payler-0.2"):
+    for key in ("sqlite", "redis", "postgres", "payler-0.2"):
         mine = [r for r in rows if r.key == key and r.mode in ("throughput", "steady")]
         if not mine:
             continue

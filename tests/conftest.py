@@ -484,3 +484,49 @@ def kafka(kafka_bootstrap: str) -> Kafka:
     """The session's tansu broker, and topic and group names of this test's own (the broker
     keeps everything in memory and goes at the end of the session)."""
     return Kafka(kafka_bootstrap, f"test-{uuid.uuid4().hex[:10]}")
+
+
+# -- PostgreSQL: the real server on 127.0.0.1:5432 ------------------------------------------------
+
+#: A database to connect to first, as a user that may create databases (trust auth locally).
+POSTGRES_URL = os.environ.get(
+    "PAYLER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+async def _postgres_admin(sql: str, url: str = POSTGRES_URL) -> None:
+    import asyncpg  # noqa: PLC0415 - only PostgreSQL tests need it
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of this test session's own on the real PostgreSQL; yields its URL.
+
+    Tests share it, each in a schema of its own (:func:`postgres_url`); it is dropped at the end
+    of the session, connections and all (they can only be this session's: the name is new).
+    """
+    name = f"payler_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_postgres_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        head, _, query = POSTGRES_URL.partition("?")
+        yield head.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+    finally:
+        asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def postgres_url(postgres_database: str) -> AsyncIterator[str]:
+    """A PostgreSQL spool URL with a schema of this test's own (the storage creates it; it is
+    dropped after the test)."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    separator = "&" if "?" in postgres_database else "?"
+    try:
+        yield f"{postgres_database}{separator}schema={schema}"
+    finally:
+        await _postgres_admin(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', postgres_database)

@@ -115,8 +115,8 @@ def test_unreachable_storage_at_start_exits_2(tmp_path: Path) -> None:
 def test_unknown_storage_scheme_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "configuration.yaml"
     config.write_text(ORIGINAL_PAYLER_CONFIG)
-    result = payler("--config-file", str(config), env={"PAYLER_STORAGE_URL": "postgres://db/x"})
-    assert_clean_error(result, "postgres://db/x", "unknown scheme", "sqlite://")
+    result = payler("--config-file", str(config), env={"PAYLER_STORAGE_URL": "cassandra://db/x"})
+    assert_clean_error(result, "cassandra://db/x", "unknown scheme", "postgresql://")
 
 
 def test_version() -> None:

@@ -166,6 +166,48 @@ async def test_watch_wakes_early_for_a_sooner_entry(storage: MemoryStorage) -> N
     assert got == ["soon"]
 
 
+class _HeardElsewhere(MemoryStorage):
+    """A backend with storage-driven wake-ups, as PostgreSQL's LISTEN gives: counts the hooks."""
+
+    started = stopped = 0
+
+    async def _start_wakeups(self) -> None:
+        self.started += 1
+
+    async def _stop_wakeups(self) -> None:
+        self.stopped += 1
+
+
+async def test_a_backend_wake_up_wakes_the_watcher_at_once() -> None:
+    # Real clock, a 60 s poll bound: an entry that only the backend hears of (stored by another
+    # process: written here past store(), which would wake the watcher locally) must wake it.
+    storage = _HeardElsewhere("memory://heard")
+    await storage.connect()
+    got = asyncio.Event()
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        got.set()
+        return []
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        storage.serve(handler, stop, settings=WatchSettings(max_poll_interval_s=60))
+    )
+    for _ in range(100):  # bounded: until the watcher listens
+        if storage.started:
+            break
+        await asyncio.sleep(0)
+    assert (storage.started, storage.stopped) == (1, 0)
+    await asyncio.sleep(0)  # the watcher found nothing and sleeps
+    await storage._store([make_payload(payload_id="elsewhere", destination="out", due_ms=0)])
+    storage._stored_elsewhere(0)
+    async with asyncio.timeout(2):
+        await got.wait()
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert (storage.started, storage.stopped) == (1, 1)
+
+
 async def test_unroutable_payloads_are_dead_lettered_with_the_reason(
     storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
 ) -> None:

@@ -592,3 +592,11 @@ class TestRedisStorage(StorageContract):
                 keys = [key async for key in s.client.scan_iter(match=s.keys.match_all)]
                 if keys:
                     await s.client.delete(*keys)
+
+
+@pytest.mark.postgres
+class TestPostgresStorage(StorageContract):
+    @pytest.fixture
+    async def storage(self, clock: FakeClock, postgres_url: str) -> AsyncIterator[SpoolStorage]:
+        async with storage_from_url(postgres_url, clock=clock) as s:
+            yield s

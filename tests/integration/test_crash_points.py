@@ -56,9 +56,23 @@ class AfterCrash:
     in_source: int
 
 
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The spool the crashing payler and its successor share."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path}/spool.db"
+
+
 async def crash_then_recover(
-    rabbit: Rabbit, tmp_path: Path, config: Path, fault: str, jobs: str, out: str,
-    messages: list[aio_pika.Message], expected: Callable[[AfterCrash], int],
+    rabbit: Rabbit, tmp_path: Path, storage_url: str, config: Path, fault: str, jobs: str,
+    out: str, messages: list[aio_pika.Message], expected: Callable[[AfterCrash], int],
 ) -> Counter[bytes]:  # fmt: skip
     """Run payler into the fault, restart it, and collect every delivery (duplicates too).
 
@@ -66,7 +80,6 @@ async def crash_then_recover(
     be in all; the deliveries are collected until there are that many, plus a short settle time
     in which any further one would show.
     """
-    storage_url = f"sqlite:///{tmp_path}/spool.db"
     env = {"BROKER_URL": AMQP_URL, "PAYLER_STORAGE_URL": storage_url}
     bodies: list[bytes] = []
     target = asyncio.Event()
@@ -114,7 +127,7 @@ async def crash_then_recover(
     "with_message_ids", [True, False], ids=["message-ids", "no-ids-content-spool-ids"]
 )
 async def test_a_crash_between_store_and_ack_spools_nothing_twice(
-    rabbit: Rabbit, tmp_path: Path, with_message_ids: bool
+    rabbit: Rabbit, tmp_path: Path, storage_url: str, with_message_ids: bool
 ) -> None:
     # Without message ids, only `spool_id: content` recognises a redelivery.
     config, jobs, out = configure(tmp_path, rabbit, "random" if with_message_ids else "content")
@@ -127,14 +140,14 @@ async def test_a_crash_between_store_and_ack_spools_nothing_twice(
         for i in range(N)
     ]
     delivered = await crash_then_recover(
-        rabbit, tmp_path, config, "after-store", jobs, out, messages, lambda _: N
+        rabbit, tmp_path, storage_url, config, "after-store", jobs, out, messages, lambda _: N
     )
     assert set(delivered) == {f"m{i}".encode() for i in range(N)}, "lost"
     assert max(delivered.values()) == 1, f"spooled twice: {delivered.most_common(3)}"
 
 
 async def test_without_message_ids_the_default_random_ids_spool_twice_there(
-    rabbit: Rabbit, tmp_path: Path
+    rabbit: Rabbit, tmp_path: Path, storage_url: str
 ) -> None:
     # The control experiment: the test above can fail, and does with `spool_id: random` (the
     # default, which never merges two identical messages: at least once, never lost).
@@ -142,7 +155,7 @@ async def test_without_message_ids_the_default_random_ids_spool_twice_there(
     messages = [aio_pika.Message(f"m{i}".encode(), headers={"x-delay": 300}) for i in range(N)]
     stored_before_crash = []
     delivered = await crash_then_recover(
-        rabbit, tmp_path, config, "after-store", jobs, out, messages,
+        rabbit, tmp_path, storage_url, config, "after-store", jobs, out, messages,
         lambda after: stored_before_crash.append(after.in_spool) or N + after.in_spool,
     )  # fmt: skip
     assert set(delivered) == {f"m{i}".encode() for i in range(N)}, "lost"
@@ -151,7 +164,7 @@ async def test_without_message_ids_the_default_random_ids_spool_twice_there(
 
 
 async def test_a_crash_between_publish_and_delete_loses_nothing(
-    rabbit: Rabbit, tmp_path: Path
+    rabbit: Rabbit, tmp_path: Path, storage_url: str
 ) -> None:
     config, jobs, out = configure(tmp_path, rabbit)
     # Due together, after everything is spooled: the first delivered batch is cut short.
@@ -161,7 +174,7 @@ async def test_a_crash_between_publish_and_delete_loses_nothing(
     ]
     seen: list[AfterCrash] = []
     delivered = await crash_then_recover(
-        rabbit, tmp_path, config, "after-publish", jobs, out, messages,
+        rabbit, tmp_path, storage_url, config, "after-publish", jobs, out, messages,
         lambda after: seen.append(after) or after.delivered + after.in_spool,
     )  # fmt: skip
     [after] = seen

@@ -39,6 +39,7 @@ class Setup:
         "sqlite",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("mongodb", marks=pytest.mark.mongodb),
+        pytest.param("postgres", marks=pytest.mark.postgres),
     ]
 )
 def setup(request: pytest.FixtureRequest, tmp_path: Path, rabbit: Rabbit) -> Setup:
@@ -46,8 +47,10 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path, rabbit: Rabbit) -> Set
     if request.param == "sqlite":
         storage_url = f"sqlite:///{tmp_path}/spool.db"
         env = {"PAYLER_STORAGE_URL": storage_url}
-    elif request.param == "redis":
-        storage_url = request.getfixturevalue("redis_spool_url")
+    elif request.param in ("redis", "postgres"):
+        storage_url = request.getfixturevalue(
+            "redis_spool_url" if request.param == "redis" else "postgres_url"
+        )
         env = {"PAYLER_STORAGE_URL": storage_url}
     else:
         # The original Payler's variable, as its users set it.

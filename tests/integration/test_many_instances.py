@@ -34,6 +34,7 @@ class Spool:
         pytest.param(("sqlite", 10_000), id="sqlite"),
         pytest.param(("redis", 10_000), id="redis", marks=pytest.mark.redis),
         pytest.param(("mongodb", 300), id="mongodb", marks=pytest.mark.mongodb),
+        pytest.param(("postgres", 10_000), id="postgres", marks=pytest.mark.postgres),
     ]
 )
 def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Spool:
@@ -42,6 +43,8 @@ def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Spool:
         return Spool(f"sqlite:///{tmp_path}/spool.db", size)
     if kind == "redis":
         return Spool(request.getfixturevalue("redis_spool_url"), size)
+    if kind == "postgres":
+        return Spool(request.getfixturevalue("postgres_url"), size)
     return Spool(request.getfixturevalue("mongodb_url"), size)
 
 

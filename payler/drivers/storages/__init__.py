@@ -1,11 +1,12 @@
 """Spool storages, chosen by URL scheme; each backend is imported only when used.
 
-==================  ======================================================
-``sqlite:///PATH``  the embedded default: a file, no server (``sqlite:////abs/path``)
-``mongodb://...``   MongoDB (``mongodb+srv://`` too), through pymongo's asyncio API
-``redis://...``     Redis (``rediss://`` too; ``?prefix=`` names the keys), redis.asyncio
-``memory://NAME``   in this process only: for tests
-==================  ======================================================
+====================  ======================================================
+``sqlite:///PATH``    the embedded default: a file, no server (``sqlite:////abs/path``)
+``mongodb://...``     MongoDB (``mongodb+srv://`` too), through pymongo's asyncio API
+``redis://...``       Redis (``rediss://`` too; ``?prefix=`` names the keys), redis.asyncio
+``postgresql://...`` PostgreSQL (``postgres://`` too; ``?schema=`` names the schema), asyncpg
+``memory://NAME``     in this process only: for tests
+====================  ======================================================
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "mongodb+srv": ("payler.drivers.storages.mongodb", "MongoStorage"),
     "redis": ("payler.drivers.storages.redis", "RedisStorage"),
     "rediss": ("payler.drivers.storages.redis", "RedisStorage"),
+    "postgresql": ("payler.drivers.storages.postgres", "PostgresStorage"),
+    "postgres": ("payler.drivers.storages.postgres", "PostgresStorage"),
     "memory": ("payler.drivers.storages.memory", "MemoryStorage"),
 }
 

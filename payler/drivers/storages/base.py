@@ -30,6 +30,11 @@ Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
   dead-letter destination refused even in its minimal form is kept here, never dropped. An id
   already taken is parked under that id plus a suffix (``!dead-<random>``).
 - ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
+- Wake-ups (optional): a backend whose server can tell it that *another* process stored an entry
+  (PostgreSQL's ``LISTEN``/``NOTIFY``) implements ``_start_wakeups`` and ``_stop_wakeups`` and
+  calls :meth:`SpoolStorage._stored_elsewhere` with the earliest due time it heard of: this
+  process's watchers then wake at once instead of at their poll bound. Without it (the default)
+  entries stored elsewhere are seen within ``max_poll_interval_s``.
 - Admin: ``get``, ``state_of``, ``list`` (filters: destination, due range, state, message id,
   correlation id; cursor pagination in due order), ``count``, ``count_due`` (entries due in a
   half-open range ``[start, end)``, through the due-time index: the console's chart of what is
@@ -99,8 +104,9 @@ class WatchSettings:
     """How a storage's watch loop (:meth:`SpoolStorage.serve`) claims and waits.
 
     The loop sleeps until the earliest visible entry, but never longer than
-    ``max_poll_interval_s`` (entries stored by *other* processes wake no one here) and never less
-    than ``min_poll_interval_s`` (so a storage error or a clock skew cannot make it spin).
+    ``max_poll_interval_s`` (entries stored by *other* processes wake no one here, unless the
+    storage has wake-ups of its own: PostgreSQL's ``NOTIFY``) and never less than
+    ``min_poll_interval_s`` (so a storage error or a clock skew cannot make it spin).
     A transient rejection is retried after ``retry_base_s * 2**attempts`` seconds (with jitter),
     capped at ``retry_max_s``.
     """
@@ -307,8 +313,10 @@ class SpoolStorage(BaseDriver):
         """
         settings = settings or WatchSettings()
         watcher = _Watcher()
-        _board.add(self.url, watcher)
         try:
+            # Before the first query: a store that commits while it runs must still wake us.
+            await self._start_wakeups()
+            _board.add(self.url, watcher)
             while not stop.is_set():
                 now_ms = self.clock.now_ms()
                 claims = await self.claim_due(now_ms, settings.batch_size, settings.lease_ms)
@@ -321,6 +329,12 @@ class SpoolStorage(BaseDriver):
                 await self._wait_for_due(watcher, stop, settings)
         finally:
             _board.remove(self.url, watcher)
+            await asyncio.shield(self._stop_wakeups())
+
+    def _stored_elsewhere(self, earliest_due_ms: int) -> None:
+        """For backends: another process stored (or rescheduled) entries, the earliest due at
+        ``earliest_due_ms``; wake this process's watchers of this spool that sleep past it."""
+        _board.stored(self.url, earliest_due_ms)
 
     async def _hand_over(
         self, handler: Handler, claims: Sequence[Claim], settings: WatchSettings
@@ -408,6 +422,15 @@ class SpoolStorage(BaseDriver):
             watcher.wake_at_ms = None
 
     # -- backend hooks ---------------------------------------------------------------------------
+
+    async def _start_wakeups(self) -> None:
+        """Start hearing of stores made by other processes (a watch loop begins); call
+        :meth:`_stored_elsewhere` for each. Called once per watch loop, and followed by one
+        :meth:`_stop_wakeups` even if it raised (a cancellation); must not raise for a missing
+        feature (the loop then polls). Default: nothing to hear, the loop polls."""
+
+    async def _stop_wakeups(self) -> None:
+        """Undo one :meth:`_start_wakeups` (a watch loop ends). Default: nothing."""
 
     @abstractmethod
     async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
