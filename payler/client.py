@@ -17,13 +17,13 @@ delayed Kafka → RabbitMQ bridge.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from payler.drivers.base import Rejection
 from payler.drivers.brokers import broker_from_url
 from payler.drivers.brokers.base import DEFAULT_PUBLISH_TIMEOUT_S, Broker
 from payler.drivers.storages import storage_from_url
-from payler.drivers.storages.base import SpoolStorage, WatchSettings
+from payler.drivers.storages.base import SpoolStorage, Stored, WatchSettings
 from payler.errors import InvalidSchedule, is_transient
 from payler.faults import fault_point
 from payler.identity import is_content_id, random_spool_id
@@ -39,7 +39,13 @@ from payler.workflow import WorkflowContext
 async def process_queue(ctx: WorkflowContext) -> None:
     """Consume a queue and spool each message until it is due (see the module docstring)."""
     options: ProcessQueueOptions = ctx.options
-    storage = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
+    storage = storage_from_url(
+        options.storage_url,
+        clock=ctx.clock,
+        metrics=ctx.metrics,
+        max_body_bytes=options.max_body_bytes,
+        min_free_bytes=options.min_free_bytes,
+    )
     broker = broker_from_url(
         options.broker_url,
         queue=options.queue,
@@ -109,22 +115,36 @@ async def spool(
             "max_delay_ms): their delay counts from their receipt instead (first: %s, stamped %s)",
             len(odd_times), odd_times[0].id, odd_times[0].properties.timestamp_ms,
         )  # fmt: skip
-    stored, unstorable = await isolate(storage.store, scheduled, "the spool cannot store it")
+    parts, unstorable = await isolate(storage.store_batch, scheduled, "the spool cannot store it")
     invalid += unstorable
-    new = sum(stored)
+    stored = sum(parts, Stored())
     fault_point("after-store")
-    ctx.metrics.incr("spooled", new)
-    duplicates = len(scheduled) - len(unstorable) - new
-    if duplicates > 0:
-        ctx.metrics.incr("duplicates", duplicates)
-        # Expected after a crash (the source redelivers); otherwise a producer reuses ids.
+    ctx.metrics.incr("spooled", len(stored.new))
+    if stored.duplicates:
+        ctx.metrics.incr("duplicates", len(stored.duplicates))
+        # Expected after a crash: the source redelivers what it had not seen acknowledged.
         ctx.log.warning(
-            "%d of %d messages were not spooled again: their ids are in the spool already, or "
-            "were delivered within the dedupe window (a redelivery, or message ids reused)",
-            duplicates,
-            len(scheduled),
+            "%d of %d messages were not spooled again: the same message (same id, same "
+            "content) is in the spool already, or was delivered within the dedupe window "
+            "(a redelivery): %s",
+            len(stored.duplicates), len(scheduled), _some(stored.duplicates),
+        )  # fmt: skip
+    if stored.renamed:
+        # A producer reusing message ids: the new message is kept, under an id of its own.
+        ctx.log.warning(
+            "%d message(s) came with the id of a different message in the spool (pending, dead "
+            "or delivered within the dedupe window): spooled under derived ids: %s",
+            len(stored.renamed),
+            _some(f"{old} as {new}" for old, new in stored.renamed.items()),
         )
     return await _dead_letter_or_park(invalid, broker, storage, options.dead_letter_queue, ctx)
+
+
+def _some(items: Iterable[str], shown: int = 10) -> str:
+    """The first ``shown`` of ``items``, comma-separated, and how many more there are."""
+    items = list(items)
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _scheduled(

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiosqlite
 
+from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.drivers.storages.base import (
     Claim,
     EntryState,
@@ -29,6 +30,7 @@ from payler.drivers.storages.base import (
     encode_cursor,
     new_token,
 )
+from payler.drivers.storages.dedupe import Stored, candidate_ids, plan_store
 from payler.errors import ConfigError, StartupError, TransientError
 from payler.payload import Payload
 
@@ -44,13 +46,19 @@ CREATE TABLE IF NOT EXISTS spool (
     last_error  TEXT,
     created_ms  INTEGER NOT NULL,
     body        BLOB NOT NULL,
-    meta        TEXT NOT NULL
+    meta        TEXT NOT NULL,
+    digest      TEXT
 );
 CREATE INDEX IF NOT EXISTS spool_visible ON spool (state, visible_ms);
 CREATE INDEX IF NOT EXISTS spool_due ON spool (state, due_ms, id);
 CREATE INDEX IF NOT EXISTS spool_destination ON spool (state, destination, due_ms, id);
 """
 _PAYLOAD_COLUMNS = "id, body, meta, destination, due_ms, created_ms, attempts, last_error"
+#: Columns added since the first schema, each with its definition: added to an older file when
+#: it is opened (older entries have NULL there).
+_ADDED_COLUMNS = {"digest": "TEXT"}
+#: Ids looked up per statement (well below SQLite's limit on bound parameters).
+_LOOKUP_CHUNK = 500
 #: How long a writer waits for another process's write lock before giving up (a transient error).
 _BUSY_TIMEOUT_MS = 10_000
 
@@ -69,6 +77,7 @@ class SQLiteStorage(SpoolStorage):
     """The spool in a SQLite file; see :class:`~payler.drivers.storages.base.SpoolStorage`."""
 
     schemes = ("sqlite",)
+    hard_max_body_bytes = HARD_MAX_BODY_BYTES["sqlite"]
     _db: aiosqlite.Connection | None = None
 
     async def connect(self) -> None:
@@ -132,26 +141,53 @@ class SQLiteStorage(SpoolStorage):
         except sqlite3.OperationalError as exc:
             raise TransientError(f"SQLite spool: {exc}") from exc
 
-    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
-        return await self._changes(
-            "INSERT OR IGNORE INTO spool (id, state, due_ms, visible_ms, destination, attempts,"
-            " last_error, created_ms, body, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    p.id,
-                    state,
-                    p.due_ms,
-                    p.due_ms,
-                    p.destination,
-                    p.attempts,
-                    p.last_error,
-                    p.created_ms,
-                    p.body,
-                    p.meta_json(),
-                )
-                for p in batch
-            ],
-        )
+    async def _store(
+        self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
+    ) -> Stored:
+        db = self.db
+        candidates = candidate_ids(batch, digests)
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            taken: dict[str, str | None] = {}
+            for start in range(0, len(candidates), _LOOKUP_CHUNK):
+                chunk = candidates[start : start + _LOOKUP_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                async with db.execute(
+                    f"SELECT id, digest FROM spool WHERE id IN ({marks})", chunk
+                ) as cursor:
+                    taken.update({row[0]: row[1] async for row in cursor})
+            inserts, stored = plan_store(batch, digests, taken)
+            await db.executemany(
+                "INSERT INTO spool (id, state, due_ms, visible_ms, destination, attempts,"
+                " last_error, created_ms, body, meta, digest)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        p.id,
+                        state,
+                        p.due_ms,
+                        p.due_ms,
+                        p.destination,
+                        p.attempts,
+                        p.last_error,
+                        p.created_ms,
+                        p.body,
+                        p.meta_json(),
+                        digest,
+                    )
+                    for p, digest in inserts
+                ],
+            )
+            await db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise TransientError(f"SQLite spool: {exc}") from exc
+        except BaseException:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise
+        return stored
 
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
         token = new_token()
@@ -277,6 +313,10 @@ def _prepare(path: Path) -> None:
         db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in columns:  # a spool written by an older payler: still readable
+                db.execute(f"ALTER TABLE spool ADD COLUMN {name} {definition}")
     finally:
         db.close()
 
