@@ -565,7 +565,18 @@ class TestSQLiteStorage(StorageContract):
     async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
         assert isinstance(storage, SQLiteStorage)
         await storage.store([stored])
-        await storage.db.execute("UPDATE spool SET digest = NULL WHERE id = ?", (stored.id,))
+        forget = "UPDATE spool SET digest = NULL WHERE id = ?"
+        await storage.file.write(lambda db: db.execute(forget, (stored.id,)))
+
+
+class TestExclusiveSQLiteStorage(TestSQLiteStorage):
+    """The SQLite file in WAL mode, kept to one process (``?locking=exclusive``)."""
+
+    @pytest.fixture
+    async def storage(self, clock: FakeClock, tmp_path: Path) -> AsyncIterator[SpoolStorage]:
+        url = f"sqlite:///{tmp_path}/spool.db?locking=exclusive"
+        async with storage_from_url(url, clock=clock) as s:
+            yield s
 
 
 @pytest.mark.mongodb
