@@ -16,9 +16,11 @@ delayed Kafka → RabbitMQ bridge.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Iterable, Sequence
 
+from payler.backoff import Backoff
 from payler.drivers.base import Rejection
 from payler.drivers.brokers import broker_from_url
 from payler.drivers.brokers.base import DEFAULT_PUBLISH_TIMEOUT_S, Broker
@@ -98,6 +100,11 @@ async def spool(
     value the spool cannot store, a bug — it is dead-lettered alone, with the reason, and the
     rest of the batch is stored. Returned: the messages to hand back to the source for now (their
     dead-lettering was refused for now).
+
+    First the spool must admit the batch (:meth:`SpoolStorage.admission`): while its file system
+    is below the free-space watermark, this waits, holding the batch unacknowledged (so the
+    source stops sending and keeps the rest), while delivering goes on elsewhere. Stopping while
+    waiting hands the whole batch back to the source.
     """
     rules = scheduling_rules(options)
     scheduled, invalid, odd_times = [], [], []
@@ -115,6 +122,9 @@ async def spool(
             "max_delay_ms): their delay counts from their receipt instead (first: %s, stamped %s)",
             len(odd_times), odd_times[0].id, odd_times[0].properties.timestamp_ms,
         )  # fmt: skip
+    incoming = sum(len(p.body) for p in scheduled)
+    if scheduled and not await _admitted(storage, incoming, ctx):
+        return [Rejection(p.id, "payler stopped while the spool was too full") for p in batch]
     parts, unstorable = await isolate(storage.store_batch, scheduled, "the spool cannot store it")
     invalid += unstorable
     stored = sum(parts, Stored())
@@ -138,6 +148,43 @@ async def spool(
             _some(f"{old} as {new}" for old, new in stored.renamed.items()),
         )
     return await _dead_letter_or_park(invalid, broker, storage, options.dead_letter_queue, ctx)
+
+
+#: How often a paused ingest looks at the spool's free space again (backoff, capped).
+ADMISSION_BACKOFF = Backoff(base_s=0.05, max_s=1.0)
+
+
+async def _admitted(storage: SpoolStorage, incoming_bytes: int, ctx: WorkflowContext) -> bool:
+    """Wait until the spool admits ``incoming_bytes`` more; False if stopping first.
+
+    Logs once at WARNING when ingest pauses, once at INFO when it resumes.
+    """
+    reason = await storage.admission(incoming_bytes)
+    if reason is None:
+        return True
+    ctx.log.warning(
+        "consuming paused: the spool cannot take more now (%s); messages wait in the source, "
+        "and delivering goes on, which frees space",
+        reason,
+    )
+    paused_ms, attempt = ctx.clock.now_ms(), 0
+    while reason is not None:
+        stopping = asyncio.ensure_future(ctx.stop.wait())
+        sleeping = asyncio.ensure_future(ctx.clock.sleep(ADMISSION_BACKOFF.delay_s(attempt)))
+        try:
+            await asyncio.wait([stopping, sleeping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            sleeping.cancel()
+        if ctx.stop.is_set():
+            return False
+        attempt += 1
+        reason = await storage.admission(incoming_bytes)
+    ctx.log.info(
+        "consuming resumed: the spool has room again (paused %.1f s)",
+        (ctx.clock.now_ms() - paused_ms) / 1000,
+    )
+    return True
 
 
 def _some(items: Iterable[str], shown: int = 10) -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +120,61 @@ async def test_a_reused_id_never_suppresses_a_different_message(
     assert ctx.metrics.totals["spooled"] == 2 and "duplicates" not in ctx.metrics.totals
     [warning] = [r.getMessage() for r in caplog.records if "derived ids" in r.getMessage()]
     assert f"amqp:q:7 as {claim.payload.id}" in warning
+
+
+class CrampedStorage(MemoryStorage):
+    """A spool whose file system is too full until a test makes room (``room.set()``)."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.room = asyncio.Event()
+        self.asked: list[int] = []
+        self.asked_again = asyncio.Event()  # ingest is waiting: it asked, was told no, asks again
+
+    async def admission(self, incoming_bytes: int = 0) -> str | None:
+        self.asked.append(incoming_bytes)
+        if len(self.asked) > 2:
+            self.asked_again.set()
+        return None if self.room.is_set() else "4096 bytes free, below the watermark"
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+async def test_ingest_waits_while_the_spool_is_too_full_then_resumes(
+    broker: MemoryBroker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    caplog.set_level(logging.INFO)
+    async with CrampedStorage(f"memory://cramped-{uuid.uuid4().hex}", clock=clock) as cramped:
+        batch = [received(make_payload(b"x" * 10, headers={"x-delay": 5}, payload_id="m"))]
+        batch.append(received(make_payload(b"bad", headers={"x-delay": "soon"}, payload_id="d")))
+        spooling = asyncio.create_task(client.spool(batch, cramped, broker, INGEST, ctx))
+        await asyncio.wait_for(cramped.asked_again.wait(), 5)
+        assert not spooling.done() and await cramped.count() == 0  # held, not acknowledged
+        assert cramped.asked[0] == 10  # the bytes to store (the invalid message stores none)
+        cramped.room.set()
+        assert await asyncio.wait_for(spooling, 5) == []
+        assert await cramped.count() == 1
+    [paused] = messages(caplog, "consuming paused")
+    assert paused.levelno == logging.WARNING and "below the watermark" in paused.getMessage()
+    [resumed] = messages(caplog, "consuming resumed")
+    assert resumed.levelno == logging.INFO
+
+
+async def test_stopping_while_the_spool_is_too_full_hands_the_batch_back(
+    broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    async with CrampedStorage(f"memory://cramped-{uuid.uuid4().hex}", clock=clock) as cramped:
+        batch = [received(make_payload(b"x", headers={"x-delay": 5}, payload_id=i)) for i in "ab"]
+        spooling = asyncio.create_task(client.spool(batch, cramped, broker, INGEST, ctx))
+        await asyncio.wait_for(cramped.asked_again.wait(), 5)
+        ctx.stop.set()
+        rejected = await asyncio.wait_for(spooling, 5)
+        assert [(r.payload_id, r.permanent) for r in rejected] == [("a", False), ("b", False)]
+        assert await cramped.count() == 0
 
 
 async def _watch_until(

@@ -11,13 +11,19 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
 
+from payler import client
+from payler.clock import SystemClock
 from payler.drivers.storages.sqlite import SQLiteStorage, parse_url, path_of
 from payler.errors import ConfigError, StartupError, TransientError
+from payler.options import ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
+from payler.testing import MemoryBroker, make_payload, reset
+from payler.workflow import WorkflowContext
 from tests.drivers.storages.conftest import SMALL_FS_BYTES, chattr, fill
 
 T0 = 1_700_000_000_000
@@ -59,6 +65,19 @@ def replace_file(path: Path) -> None:
     """Move ``path`` away and put an empty file in its place."""
     path.rename(path.with_name(f"{path.name}.moved"))
     path.write_bytes(b"")
+
+
+class Logged(logging.Handler):
+    """Sets :attr:`seen` once a record holding ``text`` is logged (by the event loop's thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
 
 
 # -- opening ------------------------------------------------------------------------------------
@@ -398,3 +417,73 @@ async def test_room_freed_inside_the_spool_counts_as_free(small_fs: Path) -> Non
         await s.ack(await s.claim_due(T0, 20, LEASE))
         assert await s.admission(0) is None
         assert await s.admission(100_000) is None
+
+
+@LOCKING
+async def test_a_full_disk_pauses_ingest_while_delivering_goes_on(
+    small_fs: Path, caplog: pytest.LogCaptureFixture, locking: str
+) -> None:
+    # Defect 16: with the disk full, both workflows restarted in a loop and 53 overdue entries
+    # were never delivered, although delivering frees space. Here the spool is on a real 8 MiB
+    # file system: ingest fills it to the watermark and pauses (the rest waits in the source,
+    # unacknowledged); once the watcher runs, deliveries free room and ingest resumes. Nothing
+    # is lost, duplicated, dead-lettered, or restarted.
+    caplog.set_level(logging.INFO)
+    reset()
+    broker_url, total, body = f"memory://disk-{uuid.uuid4().hex}", 120, 64 * 1024
+    storage_url = f"sqlite:///{small_fs}/spool.db{locking}"
+    async with MemoryBroker(broker_url) as broker:
+        sent = {f"m{i:03}".encode() + b"." * (body - 4) for i in range(total)}
+        now_ms = SystemClock().now_ms()  # received now (make_payload's default is 1970)
+        for message in sorted(sent):
+            published = make_payload(message, headers={"x-delay": 0}, due_ms=now_ms)
+            broker.publish("payler-jobs", published)
+        ingest = WorkflowContext(
+            "ingest",
+            options=ProcessQueueOptions(
+                broker_url=broker_url,
+                storage_url=storage_url,
+                min_free_bytes=3 * 1024 * 1024,
+                prefetch=10,
+            ),
+        )
+        ingesting = asyncio.create_task(client.process_queue(ingest))
+        watch = WorkflowContext(
+            "watch",
+            options=WatchStorageOptions(
+                broker_url=broker_url, storage_url=storage_url, max_poll_interval_ms=50
+            ),
+        )
+        watching: asyncio.Task[None] | None = None
+        paused, resumed = Logged("consuming paused"), Logged("consuming resumed")
+        for handler in (paused, resumed):
+            logging.getLogger().addHandler(handler)
+        try:
+            await asyncio.wait_for(paused.seen.wait(), 30)
+            waiting = len(broker.messages("payler-jobs"))
+            assert 0 < waiting < total  # the source keeps what the spool has no room for
+            watching = asyncio.create_task(client.watch_storage(watch))
+            delivered = await broker.wait_for("payler-out", total, timeout_s=60)
+            await asyncio.wait_for(resumed.seen.wait(), 10)
+        finally:
+            for handler in (paused, resumed):
+                logging.getLogger().removeHandler(handler)
+            ingest.stop.set()
+            watch.stop.set()
+            await asyncio.wait_for(ingesting, 10)
+            if watching is not None:
+                await asyncio.wait_for(watching, 10)
+        assert sorted(p.body for p in delivered) == sorted(sent)  # each once, none lost
+        assert broker.messages("payler-dead-letter") == []
+    assert "restarts" not in ingest.metrics.totals and "restarts" not in watch.metrics.totals
+    assert not messages(caplog, "database or disk is full")
+    # Once per pause, and it may pause again as it fills up again: each with its resumption.
+    pauses, resumptions = (
+        messages(caplog, "consuming paused"),
+        messages(caplog, "consuming resumed"),
+    )
+    assert len(pauses) == len(resumptions) >= 1
+    assert {r.levelno for r in pauses} == {logging.WARNING}
+    assert {r.levelno for r in resumptions} == {logging.INFO}
+    assert "less than the watermark of 3145728 bytes (min_free_bytes)" in pauses[0].getMessage()
+    reset()
