@@ -1,8 +1,12 @@
-"""The command line: ``payler --config-file configuration.yaml``.
+"""The command line: ``payler --config-file configuration.yaml`` runs the daemon, as the
+original Payler's command did (that command line is a contract); the admin commands
+(``payler scheduled ...``, ``payler dead-letters ...``, ``payler send``) sit beside it in one
+click group whose default, without a command, is the daemon (:mod:`payler.admin.commands`).
 
-Exit status: 0 after a clean stop (SIGINT/SIGTERM), 2 for a configuration or start-up error (one
-message, no traceback), 1 for anything unexpected (with its traceback: that is a bug). Only the
-CLI installs signal handlers; a second signal stops at once, without the grace period.
+Exit status of the daemon: 0 after a clean stop (SIGINT/SIGTERM), 2 for a configuration or
+start-up error (one message, no traceback), 1 for anything unexpected (with its traceback: that
+is a bug). Only the CLI installs signal handlers; a second signal stops at once, without the
+grace period. The admin commands exit 1 with one line on failure.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import NoReturn
 
 import click
 
-from payler import __version__, config
+from payler import __version__, config, logs
+from payler.admin.commands import COMMANDS
 from payler.errors import ConfigError, StartupError
 from payler.runtime import Runtime
 
@@ -25,13 +30,15 @@ log = logging.getLogger("payler")
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--config-file",
     "config_file",
-    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The YAML configuration file (a list of workflows).",
+    help="The YAML configuration file (a list of workflows). Without a command: run them.",
 )
 @click.option(
     "--log-level",
@@ -41,11 +48,48 @@ EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     help="Logging threshold (also PAYLER_LOG_LEVEL).",
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    envvar="PAYLER_LOG_FORMAT",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    help="text for people, json (one object per line) for machines (also PAYLER_LOG_FORMAT).",
+)
+@click.option(
+    "--log-headers",
+    default="",
+    envvar="PAYLER_LOG_HEADERS",
+    metavar="NAMES",
+    help="Comma-separated header names whose values may appear in logs (none by default).",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration and exit.")
 @click.version_option(__version__, prog_name="payler")
-def main(config_file: Path, log_level: str, check: bool) -> None:
-    """payler, the payload spooler: take messages from brokers now, deliver them later."""
-    _setup_logging(log_level.upper())
+@click.pass_context
+def main(
+    ctx: click.Context,
+    config_file: Path | None,
+    log_level: str,
+    log_format: str,
+    log_headers: str,
+    check: bool,
+) -> None:
+    """payler, the payload spooler: take messages from brokers now, deliver them later.
+
+    Run the daemon with --config-file; or operate it with the commands below.
+    """
+    logs.setup(log_level.upper(), "json" if log_format.lower() == "json" else "text",
+               log_headers.split(","))  # fmt: skip
+    ctx.obj = {"config_file": config_file}
+    if ctx.invoked_subcommand is not None:
+        if log_level.upper() != "DEBUG":
+            # An admin command opens the spool for one operation: the daemon's start-up line
+            # ("opened the spool at ...: N pending") would be noise there; a warning (a new,
+            # empty spool where one was expected: a wrong path) is not.
+            logging.getLogger("payler.storage").setLevel(logging.WARNING)
+        return
+    if config_file is None:
+        raise click.UsageError("Missing option '--config-file'.")
     try:
         loaded = config.load(config_file)
     except ConfigError as exc:
@@ -58,6 +102,10 @@ def main(config_file: Path, log_level: str, check: bool) -> None:
     except (ConfigError, StartupError) as exc:
         _fail(exc)
     sys.exit(EXIT_OK)
+
+
+for _command in COMMANDS:
+    main.add_command(_command)
 
 
 async def _serve(runtime: Runtime) -> None:
@@ -87,16 +135,3 @@ async def _serve(runtime: Runtime) -> None:
 def _fail(exc: BaseException) -> NoReturn:
     click.echo(f"payler: error: {exc}", err=True)
     sys.exit(EXIT_CONFIG)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The driver libraries log every failed connection attempt, some with tracebacks; payler
-    # reports those failures itself, once and readably. --log-level DEBUG shows them all.
-    if level != "DEBUG":
-        for noisy in ("aio_pika", "aiormq", "pymongo", "aiosqlite", "aiokafka"):
-            logging.getLogger(noisy).setLevel(logging.CRITICAL)

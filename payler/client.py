@@ -30,6 +30,7 @@ from payler.errors import InvalidSchedule, is_transient
 from payler.faults import fault_point
 from payler.identity import is_content_id, random_spool_id
 from payler.isolation import describe, isolate
+from payler.logs import shown_headers
 from payler.options import ForwardOptions, ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
 from payler.scheduling import SchedulingRules, schedule
@@ -68,7 +69,7 @@ async def process_queue(ctx: WorkflowContext) -> None:
             options.dead_letter_queue,
         )
         await broker.serve(
-            lambda batch: spool(batch, storage, broker, options, ctx),
+            ctx.metrics.track(lambda batch: spool(batch, storage, broker, options, ctx)),
             ctx.stop,
         )
 
@@ -239,7 +240,9 @@ async def _dead_letter_or_park(
     if not invalid:
         return []
     for payload, reason in invalid:
-        ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
+        ctx.log.warning(
+            "dead-lettering message %s: %s%s", payload.id, reason, shown_headers(payload.headers)
+        )
     refused = await broker.dead_letter(invalid, queue)
     reasons = {p.id: reason for p, reason in invalid}
     by_id = {p.id: p for p, _ in invalid}
@@ -304,7 +307,9 @@ async def watch_storage(ctx: WorkflowContext) -> None:
             options.dead_letter_queue,
         )
         await storage.serve(
-            lambda batch: deliver(batch, broker, options, ctx), ctx.stop, settings=settings
+            ctx.metrics.track(lambda batch: deliver(batch, broker, options, ctx)),
+            ctx.stop,
+            settings=settings,
         )
 
 
@@ -378,7 +383,9 @@ async def _dead_letter_due(
     """Dead-letter spool entries; return what to retry (refused for now) and what to park as
     dead in the spool (refused for good: permanent rejections)."""
     for payload, reason in give_up:
-        ctx.log.warning("dead-lettering payload %s: %s", payload.id, reason)
+        ctx.log.warning(
+            "dead-lettering payload %s: %s%s", payload.id, reason, shown_headers(payload.headers)
+        )
     try:
         refused = await broker.dead_letter(give_up, options.dead_letter_queue)
     except Exception as exc:
@@ -430,7 +437,9 @@ async def forward(ctx: WorkflowContext) -> None:
             options.dead_letter_queue,
         )
         await source.serve(
-            lambda batch: relay(batch, destination, rules, options.dead_letter_queue, ctx),
+            ctx.metrics.track(
+                lambda batch: relay(batch, destination, rules, options.dead_letter_queue, ctx)
+            ),
             ctx.stop,
         )
 
@@ -467,7 +476,9 @@ async def relay(
     by_id = {p.id: p for p in routed}
     give_up += [(by_id[r.payload_id], r.reason) for r in rejections if r.permanent]
     for payload, reason in give_up:
-        ctx.log.warning("dead-lettering message %s: %s", payload.id, reason)
+        ctx.log.warning(
+            "dead-lettering message %s: %s%s", payload.id, reason, shown_headers(payload.headers)
+        )
     refused = await destination.dead_letter(give_up, dead_letter_queue)
     for rejection in refused:
         if rejection.permanent:

@@ -10,6 +10,7 @@ The file is the original Payler's format, extended::
           queue: "${PAYLER_QUEUE:-payler-jobs}"
     shutdown_grace_seconds: 10          # optional
     stats_interval_seconds: 60          # optional
+    http: {host: 127.0.0.1, port: 8000} # optional: metrics, probes, admin API (payler.http)
 
 Every string may use ``${VAR}`` (the variable must be set) and ``${VAR:-default}`` (the default
 when it is unset or empty); ``$${`` writes a literal ``${``. Errors name the file, the key and
@@ -32,6 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from payler.errors import ConfigError
+from payler.http.settings import HttpConfig, HttpSettings
+from payler.http.settings import resolve as resolve_http
 from payler.urls import mask_url
 
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\{[^}]*\}?")
@@ -56,6 +59,7 @@ class PaylerConfig(BaseModel):
     workflows: list[WorkflowConfig] = Field(min_length=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     stats_interval_seconds: float = Field(default=60.0, gt=0)
+    http: HttpConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,8 @@ class Loaded:
     path: Path
     config: PaylerConfig
     workflows: list[LoadedWorkflow]
+    #: The HTTP server's settings; ``None``: no server.
+    http: HttpSettings | None = None
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Loaded:
@@ -110,7 +116,13 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Loaded:
     if folder not in sys.path:
         sys.path.append(folder)
     workflows = [_load_workflow(path, i, entry) for i, entry in enumerate(config.workflows)]
-    return Loaded(path, config, workflows)
+    try:
+        http = resolve_http(config.http, environ, where=f"{path}: http")
+    except ConfigError as exc:
+        raise ConfigError(
+            str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+        ) from None
+    return Loaded(path, config, workflows, http)
 
 
 def expand(value: Any, environ: Mapping[str, str], *, path: str, key: str = "") -> Any:

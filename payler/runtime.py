@@ -13,6 +13,9 @@
   every workflow; they finish their work in hand and return. Whatever is still running after
   ``shutdown_grace_seconds`` is cancelled: safe, since nothing is acknowledged before it is stored.
 - Every ``stats_interval_seconds``, one log line per workflow that did something.
+- With an ``http:`` section (or ``PAYLER_HTTP_PORT``/``METRIC_SERVER_PORT``), the HTTP server
+  (:mod:`payler.http`) runs on the same loop for as long as the workflows do. Each workflow's
+  ``ctx.state`` (starting, ready, restarting, stopped) is what ``/readyz`` reports.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
+from payler import logs
 from payler.backoff import Backoff
 from payler.clock import Clock, SystemClock
 from payler.config import Loaded, LoadedWorkflow
 from payler.errors import ConfigError, StartupError, is_transient
 from payler.isolation import describe
+from payler.urls import mask_urls
 from payler.workflow import WorkflowContext
 
 log = logging.getLogger("payler.runtime")
@@ -46,6 +53,8 @@ class Runtime:
         self.clock: Clock = clock or SystemClock()
         self.contexts: list[WorkflowContext] = []
         self.started = asyncio.Event()
+        #: The HTTP server (:class:`payler.http.server.HttpServer`) while it runs, else None.
+        self.http: Any = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (then drain within the grace period) or a fatal error.
@@ -57,6 +66,8 @@ class Runtime:
         settings = self.loaded.config
         stopping = asyncio.Event()  # set by ``stop`` or by a fatal error
         fatal: list[BaseException] = []
+        for w in self.loaded.workflows:  # JSON log lines name the workflow
+            logs.workflow_names[f"payler.workflow.{w.index}"] = w.name
         self.contexts = [
             WorkflowContext(
                 name=w.name,
@@ -67,7 +78,8 @@ class Runtime:
             )
             for w in self.loaded.workflows
         ]
-        async with asyncio.TaskGroup() as group:
+        async with self._operator_surface(stopping) as http, asyncio.TaskGroup() as group:
+            self.http = http
             tasks = [
                 group.create_task(
                     self._supervise(w, ctx, fatal, stopping), name=f"workflow:{ctx.name}"
@@ -97,6 +109,15 @@ class Runtime:
         self._log_summaries(final=True)
         if fatal:
             raise fatal[0]
+
+    def _operator_surface(self, stopping: asyncio.Event) -> AbstractAsyncContextManager[Any]:
+        """The HTTP server (metrics, probes, admin API) while the workflows run, if configured:
+        started before them (a port in use is a start-up error), stopped after them."""
+        if self.loaded.http is None:
+            return contextlib.nullcontext()
+        from payler.http.server import serving  # noqa: PLC0415 - the web stack only when used
+
+        return serving(self, self.loaded, self.loaded.http, stopping)
 
     async def _announce_start(self, count: int) -> None:
         await asyncio.gather(*(ctx.started.wait() for ctx in self.contexts))
@@ -140,6 +161,7 @@ class Runtime:
                 delay = RESTART_BACKOFF.delay_s(attempt)
                 attempt += 1
                 ctx.metrics.incr("restarts")
+                ctx.state, ctx.problem = "restarting", mask_urls(describe(exc))
                 log.log(
                     logging.WARNING if transient else logging.ERROR,
                     "workflow %r failed (%s); restarting in %.1f s",
@@ -155,6 +177,7 @@ class Runtime:
             if not ctx.stopping:
                 log.info("workflow %r finished", ctx.name)
             ctx.started.set()  # a workflow that returned has nothing left to start
+            ctx.state = "stopped"
             return
 
     async def _call(self, workflow: LoadedWorkflow, ctx: WorkflowContext) -> None:

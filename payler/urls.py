@@ -16,6 +16,20 @@ def mask_url(url: str) -> str:
     return _mask_userinfo(_SECRET_PARAMS.sub(r"\1***", url))
 
 
+#: A URL's user information in free text: ``scheme://user:password@`` (the password up to the
+#: last ``@`` before a space, so that a raw ``@`` in it is not half shown).
+_USERINFO_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"]*):[^\s'\"]*@")
+
+
+#: A secret query parameter in free text: its value ends at a space or a quote too.
+_SECRET_PARAMS_IN_TEXT = re.compile(_SECRET_PARAMS.pattern.replace("[^&#]*", "[^&#\\s'\"]*"), re.I)
+
+
+def mask_urls(text: str) -> str:
+    """``text`` (a log line, a traceback) with the password of every URL in it masked."""
+    return _USERINFO_IN_TEXT.sub(r"\1:***@", _SECRET_PARAMS_IN_TEXT.sub(r"\1***", text))
+
+
 def redact(text: str, url: str) -> str:
     """``text`` (a library's error message, say) without the secrets of ``url`` in it."""
     for secret in _secrets_of(url):

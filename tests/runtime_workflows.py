@@ -81,3 +81,20 @@ async def loses_broker_while_stopping(ctx: WorkflowContext) -> None:
     ctx.ready()
     await ctx.stop.wait()
     raise TransientError("connection lost while draining")
+
+
+#: For ``gated``: set ``fail`` to make its first run lose its "broker"; ``resume`` to let the
+#: next run become ready again. (Fresh events per test: see tests/http/test_server.py.)
+gates: dict[str, asyncio.Event] = {}
+
+
+async def gated(ctx: WorkflowContext) -> None:
+    """Ready; fails once ``gates['fail']`` is set; the next run waits for ``gates['resume']``."""
+    calls["gated"] = calls.get("gated", 0) + 1
+    if calls["gated"] > 1:
+        await gates["resume"].wait()
+    ctx.ready()
+    if calls["gated"] == 1:
+        await gates["fail"].wait()
+        raise TransientError("lost the broker at amqp://payler:s3cret@broker/ (a test)")
+    await ctx.stop.wait()

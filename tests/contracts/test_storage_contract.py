@@ -8,6 +8,7 @@ waits for anything.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -354,6 +355,16 @@ class StorageContract:
         assert await storage.get("a") == stored
         assert await storage.get("nope") is None
 
+    async def test_state_of(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("a", T0), payload("b", T0), payload("c", T0 + 1)])
+        claims = {c.payload.id: c for c in await storage.claim_due(T0, 10, LEASE)}
+        assert await storage.dead_letter(claims["b"], "bad")
+        assert await storage.ack([claims["a"]]) == 1
+        assert await storage.state_of("a") is None  # delivered: a tombstone only
+        assert await storage.state_of("b") == "dead"
+        assert await storage.state_of("c") == "pending"
+        assert await storage.state_of("nope") is None
+
     async def test_list_filters_by_destination_and_due_range(self, storage: SpoolStorage) -> None:
         await storage.store(
             [
@@ -452,6 +463,60 @@ class StorageContract:
         [again] = await storage.claim_due(T0 + 10, 10, LEASE)
         assert again.payload.due_ms == T0 + 10
 
+    # -- lookups by message id and correlation id -----------------------------------------------
+
+    async def test_lookup_by_message_id_and_correlation_id(self, storage: SpoolStorage) -> None:
+        def props(message_id: str, correlation_id: str | None = None) -> MessageProperties:
+            return MessageProperties(message_id=message_id, correlation_id=correlation_id)
+
+        await storage.store(
+            [
+                payload("a", T0 + 2, properties=props("m-1", "c-1")),
+                payload("b", T0 + 1, "y", properties=props("m-2", "c-1")),
+                payload("c", T0, properties=props("m-3")),
+                payload("d", T0 + 3, properties=props("m-4", "c-1")),
+            ]
+        )
+        assert ids((await storage.list(message_id="m-1")).items) == ["a"]
+        assert ids((await storage.list(correlation_id="c-1")).items) == ["b", "a", "d"]
+        assert ids((await storage.list(correlation_id="c-1", destination="y")).items) == ["b"]
+        assert ids((await storage.list(correlation_id="c-1", due_to_ms=T0 + 2)).items) == [
+            "b",
+            "a",
+        ]
+        assert ids((await storage.list(message_id="m-1", correlation_id="c-2")).items) == []
+        first = await storage.list(correlation_id="c-1", limit=2)
+        assert ids(first.items) == ["b", "a"]
+        assert first.next_cursor is not None
+        rest = await storage.list(correlation_id="c-1", limit=2, cursor=first.next_cursor)
+        assert (ids(rest.items), rest.next_cursor) == (["d"], None)
+        assert (await storage.list(message_id="nope")).items == []
+        # Dead entries are found as dead; delivered and cancelled ones are gone from the index.
+        claims = {c.payload.id: c for c in await storage.claim_due(T0 + 3, 10, LEASE)}
+        assert await storage.dead_letter(claims["b"], "bad")
+        assert await storage.ack([claims["a"]]) == 1
+        assert await storage.cancel("d")
+        assert (await storage.list(correlation_id="c-1")).items == []
+        assert ids((await storage.list(correlation_id="c-1", state="dead")).items) == ["b"]
+        assert ids((await storage.list(message_id="m-3")).items) == ["c"]
+        assert await storage.cancel("b")
+        assert (await storage.list(correlation_id="c-1", state="dead")).items == []
+
+    async def test_a_spool_from_before_the_lookup_indexes_is_indexed_when_opened(
+        self, storage: SpoolStorage, clock: FakeClock, downgrade: Any
+    ) -> None:
+        entry = payload(
+            "old", T0, properties=MessageProperties(message_id="m-old", correlation_id="c-old")
+        )
+        await storage.store([entry, payload("bare", T0 + 1)])
+        await downgrade(storage)  # the spool as a payler without lookups left it
+        async with storage_from_url(storage.url, clock=clock) as reopened:
+            assert ids((await reopened.list(message_id="m-old")).items) == ["old"]
+            assert ids((await reopened.list(correlation_id="c-old")).items) == ["old"]
+            assert await reopened.get("old") == entry
+            assert await reopened.store([payload("new", T0 + 2)]) == 1
+            assert ids(await reopened.claim_due(T0 + 2, 10, LEASE)) == ["old", "bare", "new"]
+
     # -- several claimants -------------------------------------------------------------------------
 
     async def test_concurrent_claimants_never_share_an_entry(
@@ -544,6 +609,10 @@ class StorageContract:
 
 class TestMemoryStorage(StorageContract):
     @pytest.fixture
+    def downgrade(self) -> None:
+        pytest.skip("an in-memory spool does not outlive its process: nothing to upgrade")
+
+    @pytest.fixture
     async def storage(self, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
         async with storage_from_url(f"memory://contract-{uuid.uuid4().hex}", clock=clock) as s:
             yield s
@@ -556,6 +625,25 @@ class TestMemoryStorage(StorageContract):
 
 
 class TestSQLiteStorage(StorageContract):
+    @pytest.fixture
+    def downgrade(self) -> Any:
+        async def to_version_0(storage: SpoolStorage) -> None:
+            assert isinstance(storage, SQLiteStorage)
+            path = storage.location.path  # the URL may carry a query (?locking=exclusive)
+            await storage.close()
+            db = sqlite3.connect(path, isolation_level=None)
+            try:  # the table as payler 1.0.0.dev0 made it: no lookup columns, user_version 0
+                db.execute("PRAGMA journal_mode = WAL")  # as payler then left every file
+                db.execute("DROP INDEX spool_message_id")
+                db.execute("DROP INDEX spool_correlation_id")
+                db.execute("ALTER TABLE spool DROP COLUMN message_id")
+                db.execute("ALTER TABLE spool DROP COLUMN correlation_id")
+                db.execute("PRAGMA user_version = 0")
+            finally:
+                db.close()
+
+        return to_version_0
+
     @pytest.fixture
     async def storage(self, clock: FakeClock, tmp_path: Path) -> AsyncIterator[SpoolStorage]:
         pytest.importorskip("payler.drivers.storages.sqlite")
@@ -582,6 +670,16 @@ class TestExclusiveSQLiteStorage(TestSQLiteStorage):
 @pytest.mark.mongodb
 class TestMongoStorage(StorageContract):
     @pytest.fixture
+    def downgrade(self) -> Any:
+        async def to_layout_0(storage: SpoolStorage) -> None:
+            assert isinstance(storage, MongoStorage)
+            spool = storage._spool
+            await spool.update_many({}, {"$unset": {"message_id": "", "correlation_id": ""}})
+            await spool.database["payler_schema"].delete_many({})
+
+        return to_layout_0
+
+    @pytest.fixture
     async def storage(self, clock: FakeClock, mongodb_url: str) -> AsyncIterator[SpoolStorage]:
         async with storage_from_url(mongodb_url, clock=clock) as s:
             yield s
@@ -594,6 +692,19 @@ class TestMongoStorage(StorageContract):
 
 @pytest.mark.redis
 class TestRedisStorage(StorageContract):
+    @pytest.fixture
+    def downgrade(self) -> Any:
+        async def to_layout_0(storage: SpoolStorage) -> None:
+            assert isinstance(storage, RedisStorage)
+            client, keys = storage.client, storage.keys
+            async for key in client.scan_iter(match=keys.match_all):
+                if key.decode().startswith((f"{keys.prefix}by:", keys.schema)):
+                    await client.delete(key)
+                elif key.decode().startswith(keys.entry_prefix):
+                    await client.hdel(key, "message_id", "correlation_id")
+
+        return to_layout_0
+
     @pytest.fixture
     async def storage(self, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
         url = f"{REDIS_URL}?prefix=test:{uuid.uuid4().hex}:"

@@ -6,21 +6,28 @@ write and the XACK loses nothing and spools nothing twice.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from payler import codec
+from payler import client, codec
+from payler.drivers.brokers.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE, DEAD_LETTERED_AT
+from payler.drivers.brokers.mapping import from_stream_fields
+from payler.drivers.brokers.redis_streams import UNDECODABLE_FIELDS
 from payler.drivers.storages import storage_from_url
 from payler.faults import FAULT_EXIT_STATUS
-from tests.conftest import AMQP_URL, REDIS_URL, Rabbit
+from payler.options import ProcessQueueOptions
+from payler.workflow import WorkflowContext
+from tests.conftest import AMQP_URL, REDIS_URL, Rabbit, RedisServers, eventually
+from tests.drivers.brokers.test_redis_streams import BAD_ENTRIES
 from tests.integration.conftest import Payler
 
-pytestmark = [pytest.mark.redis, pytest.mark.rabbitmq]
+pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
@@ -80,6 +87,7 @@ def entry_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[0])
 
 
+@pytest.mark.rabbitmq
 async def test_stream_entries_are_delivered_to_rabbitmq_when_due_and_intact(
     tmp_path: Path, rabbit: Rabbit, redis: Redis, stream: str
 ) -> None:
@@ -131,6 +139,7 @@ async def test_stream_entries_are_delivered_to_rabbitmq_when_due_and_intact(
     assert (await redis.xpending(stream, "payler"))["pending"] == 0
 
 
+@pytest.mark.rabbitmq
 @pytest.mark.parametrize(
     "params",
     [{"consumer": "payler-test"}, {"min_idle_ms": 100}],
@@ -167,3 +176,105 @@ async def test_a_crash_between_store_and_xack_loses_nothing_and_spools_nothing_t
     # The first batch was read twice and recognised the second time; nothing else came twice.
     assert "Spool the Redis stream: duplicates=20 received=60 spooled=40" in payler.log
     assert "Deliver to RabbitMQ: delivered=60 " in payler.log
+
+
+async def run_until(
+    workflows: list[tuple[str, ProcessQueueOptions]],
+    done: Callable[[list[WorkflowContext]], Awaitable[bool]],
+) -> list[WorkflowContext]:
+    """Run ``client.process_queue`` workflows in this process until ``done(contexts)``, then
+    stop them as SIGTERM does; a workflow that fails (or never gets there) fails the test."""
+    contexts = [WorkflowContext(name, options=options) for name, options in workflows]
+    tasks = [asyncio.create_task(client.process_queue(ctx)) for ctx in contexts]
+
+    async def finished() -> bool:
+        for task in tasks:
+            if task.done():
+                task.result()  # raises what ended the workflow
+                pytest.fail("a workflow returned before it was stopped")
+        return await done(contexts)
+
+    try:
+        await eventually(finished, 30, "the workflows' outcome")
+    finally:
+        for ctx in contexts:
+            ctx.stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)  # a clean stop: no exception
+    return contexts
+
+
+async def test_bad_entries_are_dead_lettered_alone_with_their_raw_fields(
+    tmp_path: Path, redis: Redis, stream: str
+) -> None:
+    for i, fields in enumerate(BAD_ENTRIES.values()):
+        await redis.xadd(stream, {"body": f"good {i}", "headers": '{"x-delay": 60000}'})
+        await redis.xadd(stream, fields)  # type: ignore[arg-type]
+    storage_url = f"sqlite:///{tmp_path}/spool.db"
+    options = ProcessQueueOptions(
+        broker_url=f"{REDIS_URL}{'&' if '?' in REDIS_URL else '?'}block_ms=50",
+        storage_url=storage_url,
+        queue=stream,
+        default_destination="out",
+        dead_letter_queue=f"{stream}-dead",
+        default_delay_ms=0,
+        batch_size=5,  # bad and good entries share batches
+    )
+    async with storage_from_url(storage_url) as storage:
+
+        async def all_settled(_: list[WorkflowContext]) -> bool:
+            dead = await redis.xlen(f"{stream}-dead")
+            return dead == len(BAD_ENTRIES) and await storage.count() == len(BAD_ENTRIES)
+
+        [ctx] = await run_until([("ingest", options)], all_settled)
+        spooled = sorted(p.body for p in (await storage.list(limit=100)).items)
+    assert spooled == sorted(f"good {i}".encode() for i in range(len(BAD_ENTRIES)))
+    assert (await redis.xpending(stream, "payler"))["pending"] == 0  # all acked
+    assert (ctx.metrics.totals["received"], ctx.metrics.totals["restarts"]) == (16, 0)
+
+    dead_letters = [fields for _, fields in await redis.xrange(f"{stream}-dead")]
+    for fields, (what, sent) in zip(dead_letters, BAD_ENTRIES.items(), strict=True):
+        body, _, headers, _ = from_stream_fields(fields)
+        assert body == sent[b"body"], what
+        reason = headers.pop(DEAD_LETTER_REASON)
+        assert reason.startswith("the stream entry cannot be decoded: "), what
+        assert headers.pop(DEAD_LETTER_SOURCE) == stream
+        headers.pop(DEAD_LETTERED_AT)
+        raw = headers.pop(UNDECODABLE_FIELDS)
+        assert headers == {}, what
+        assert raw == {
+            k.decode("utf-8", "backslashreplace"): v if v == b"\xff" else v.decode()
+            for k, v in sent.items()
+            if k != b"body"
+        }, what
+
+
+async def test_two_servers_feeding_one_spool_never_collide(
+    tmp_path: Path, redis_servers: RedisServers
+) -> None:
+    servers = [redis_servers.start(), redis_servers.start()]
+    for server in servers:  # the same stream name and entry ids on both: different messages
+        async with Redis.from_url(server) as raw:
+            for i in range(1, 4):
+                await raw.xadd("jobs", {"body": f"{server} {i}"}, id=f"1-{i}")
+    storage_url = f"sqlite:///{tmp_path}/spool.db"
+    workflows = [
+        (
+            f"ingest {server}",
+            ProcessQueueOptions(
+                broker_url=f"{server}?block_ms=50",
+                storage_url=storage_url,
+                queue="jobs",
+                dead_letter_queue="dead",
+                default_delay_ms=60_000,
+            ),
+        )
+        for server in servers
+    ]
+
+    async def all_received(contexts: list[WorkflowContext]) -> bool:
+        return all(c.metrics.totals["received"] == 3 for c in contexts)
+
+    contexts = await run_until(workflows, all_received)
+    async with storage_from_url(storage_url) as storage:
+        assert await storage.count() == 6
+    assert [c.metrics.totals["duplicates"] for c in contexts] == [0, 0]

@@ -27,19 +27,23 @@ parks it in the spool (a workflow with a spool) or keeps it at the source.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from payler.clock import Clock, SystemClock
-from payler.drivers.base import BaseDriver, Rejection
+from payler.drivers.base import BaseDriver, Handler, Rejection
 from payler.metrics import Metrics
 from payler.payload import MessageProperties, Payload
+from payler.reasons import reason_class
 from payler.scheduling import without_scheduling_headers
 
 #: Headers added to a dead-lettered message: why, from where, and when (epoch ms).
 DEAD_LETTER_REASON = "x-payler-dead-letter-reason"
 DEAD_LETTER_SOURCE = "x-payler-dead-letter-source"
 DEAD_LETTERED_AT = "x-payler-dead-lettered-at"
+#: Where the dead-lettered message was going (when it had a destination yet): where a replay
+#: sends it back to.
+DEAD_LETTER_DESTINATION = "x-payler-dead-letter-destination"
 #: On a minimal dead letter (the full copy was refused): what was dropped, and why.
 DEAD_LETTER_TRUNCATED = "x-payler-dead-letter-truncated"
 #: On a minimal dead letter: the payload's spool id (where the source gave one, its position).
@@ -90,9 +94,38 @@ class Broker(BaseDriver):
         """Publish each payload to its destination, without its scheduling headers."""
         if not batch:
             return []
-        return await self._publish(
-            [(p, without_scheduling_headers(p.headers)) for p in batch], dead_letters=False
-        )
+        with self.metrics.timer("publish_batch_seconds"):
+            return await self._publish(
+                [(p, without_scheduling_headers(p.headers)) for p in batch], dead_letters=False
+            )
+
+    async def send(self, items: Sequence[tuple[Payload, Mapping[str, Any]]]) -> list[Rejection]:
+        """Publish each payload as a producer would: to the queue (topic, stream) named by its
+        ``destination`` (RabbitMQ: through the default exchange), with the given headers as
+        they are — scheduling headers included, so that a message sent to payler's own input
+        queue is scheduled by it. Confirmed; returns the rejections as ``process`` does.
+        (``payler send`` and the replay of a dead letter to its source use it.)
+        """
+        if not items:
+            return []
+        return await self._publish(items, dead_letters=True)
+
+    async def peek(self, queue: str, limit: int) -> list[Payload]:
+        """Up to ``limit`` messages waiting on ``queue``, oldest first, left where they are.
+
+        Raises ``NotImplementedError`` where the broker has no non-destructive look (the admin
+        operations then list the dead letters parked in the spool only).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot look into a queue")
+
+    async def take(
+        self, queue: str, limit: int, select: Callable[[Payload], bool], handler: Handler
+    ) -> int:
+        """Look at up to ``limit`` messages of ``queue``; hand the ones ``select`` picks to
+        ``handler`` (one batch); remove from the queue those it did not reject, only once it
+        returned; leave every other message on the queue. Returns how many were removed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot take from a queue")
 
     async def dead_letter(
         self, items: Sequence[tuple[Payload, str]], queue: str
@@ -139,7 +172,11 @@ class Broker(BaseDriver):
                     )
                 else:
                     del refused[payload_id]
-        self.metrics.incr("dead_lettered", len(items) - len(refused))
+        self.metrics.incr(
+            "dead_lettered",
+            len(items) - len(refused),
+            reasons=[reason_class(reasons[p.id]) for p, _ in items if p.id not in refused],
+        )
         return list(refused.values())
 
     @abstractmethod
@@ -160,12 +197,15 @@ class Broker(BaseDriver):
 
 def dead_letter_headers(payload: Payload, reason: str, now_ms: int) -> dict[str, object]:
     """The headers of a dead-lettered copy of ``payload``."""
-    return {
+    headers: dict[str, object] = {
         **payload.headers,
         DEAD_LETTER_REASON: reason,
         DEAD_LETTER_SOURCE: payload.source,
         DEAD_LETTERED_AT: now_ms,
     }
+    if payload.destination:
+        headers[DEAD_LETTER_DESTINATION] = payload.destination
+    return headers
 
 
 def minimal_dead_letter(
@@ -202,6 +242,8 @@ def minimal_dead_letter(
         DEAD_LETTER_ID: payload.id[:512],
         DEAD_LETTER_TRUNCATED: dropped,
     }
+    if payload.destination:
+        headers[DEAD_LETTER_DESTINATION] = payload.destination[:255]
     return copy, headers
 
 

@@ -12,30 +12,64 @@
 ``replication_factor``     on min(3, brokers in the cluster) unless set
 ``max_request_size``       the largest record ``process`` sends (default 1048576, Kafka's default
                            ``message.max.bytes``): raise both for topics of larger records
+``retry_base_ms``,         a record the handler refuses for now is taken again after
+``retry_max_ms``           ``retry_base_ms * 2**n`` (with jitter), at most ``retry_max_ms``
+                           (default 1000 and 30000)
+``topic_check_ms``         how often ``serve`` checks that its topic was not deleted and created
+                           anew (default 10000; see below)
 =========================  =======================================================================
 
-- As a source, ``serve`` consumes topic ``queue`` in the consumer group, without auto-commit, in
-  natural batches (what has arrived, up to ``batch_size``). A record's spool id is
-  ``kafka:<topic>:<partition>:<offset>`` (:func:`record_id`): a record consumed again is the same
-  entry. Offsets are committed per partition (last offset + 1) only once the handler returned.
-- Kafka has no negative acknowledgement. A record the handler rejects *transiently* is consumed
-  again: the partition's offset is committed up to that record, not past it, and the consumer
-  seeks back to it — so the records after it in that partition are consumed again too (spooling
-  them again is idempotent). A *permanent* rejection counts as handled: committed past, logged.
+As a source (:mod:`~payler.drivers.brokers.kafka_source`):
+
+- ``serve`` consumes topic ``queue`` in the consumer group, without auto-commit, in natural
+  batches (what has arrived, up to ``batch_size``). Compressed topics (gzip, snappy, lz4, zstd)
+  are read like any other. Offsets are committed per partition only once the handler returned,
+  and never past a record not yet handled.
+- A record's spool id is ``kafka:<cluster>:<topic>[@<topic id>]:<partition>:<offset>``
+  (:func:`~payler.drivers.brokers.kafka_source.record_id`): a record consumed again is the same
+  entry, while two clusters feeding one spool, or a topic deleted and created again (its offsets
+  starting at 0 again), never collide. ``<cluster>`` is the cluster id from the cluster's
+  metadata (the bootstrap servers where a broker reports none); ``<topic id>`` is the topic's id
+  where the broker reports one (Kafka 2.8 and later). A source checks its topic's id every
+  ``topic_check_ms`` (and at each rebalance): a new id means the topic was deleted and created
+  again, and its partitions are read again from their start (``auto_offset_reset``), as the
+  new topic has no committed offsets — a running consumer would otherwise wait past the new
+  topic's end and miss its first records. Without topic ids (older brokers) neither is
+  possible: a recreated topic's records take the old one's ids, and may be taken for
+  redeliveries within the spool's dedupe window.
+- Kafka has no negative acknowledgement. When the handler refuses records *for now*, their
+  partition's commit stops at the first of them; the partition is paused for a backoff
+  (``retry_base_ms``, ``retry_max_ms``), then read again from there — and the records the handler
+  took after the refused one are skipped, not handed over again
+  (:mod:`~payler.drivers.brokers.kafka_offsets`). The other partitions flow on meanwhile. A
+  *permanent* rejection counts as handled: committed past, logged.
+- A record payler cannot decode comes out as a payload with a ``defect`` (its value and headers
+  kept as they came): the workflow dead-letters it alone.
 - If the handler raises, nothing is committed and the exception propagates: the runtime restarts
   the workflow and consumption resumes from the committed offsets.
 - Rebalances wait for the batch in hand: the listener takes the same lock as handling does, so a
   batch is handled and committed before its partitions are revoked. Partitions no longer ours
   when a batch is done are not committed: their new owner consumes those records again.
-- As a destination, ``process`` publishes to topic ``payload.destination`` with the payload's key,
-  its body, its headers and properties as Kafka headers (:mod:`~payler.drivers.brokers.mapping`)
-  and its publish time as the record timestamp, with ``acks=all``; the sends of a batch are
-  pipelined (sent in order, then awaited together): records of one key keep their order, as
-  aiokafka keeps one request in flight per broker, retries included. A record Kafka refuses for
-  good (too large, invalid or missing topic, not authorised) is a permanent rejection; a timeout
-  or a lost connection raises :class:`~payler.errors.TransientError`. (Idempotent producing
-  stays off: not every Kafka-compatible broker supports it; a retried batch may deliver a record
-  twice.)
+
+As a destination, ``process`` publishes to topic ``payload.destination`` with the payload's key,
+its body, its headers and properties as Kafka headers (:mod:`~payler.drivers.brokers.mapping`),
+with ``acks=all``:
+
+- The record's timestamp is the time of this publish; the message's original publish time
+  travels in the header ``payler-timestamp`` (a record stamped with an old time could fall out
+  of the topic's retention at once, or be refused by ``log.message.timestamp.before.max.ms``).
+- The sends of a batch are pipelined (sent in order, then awaited together): records of one key
+  keep their order, as aiokafka keeps one request in flight per broker, retries included.
+- A publish never takes longer than the broker's ``publish_timeout_s`` (a watcher sets it below
+  its lease): past it, it raises :class:`~payler.errors.TransientError` (an outage; the outcome
+  is unknown). A topic that does not exist is found with one metadata request and is a
+  permanent rejection (unroutable), as is a record Kafka refuses for good (too large, invalid
+  topic, not authorised); a lost connection raises :class:`~payler.errors.TransientError`.
+  (Idempotent producing stays off: not every Kafka-compatible broker supports it; a retried batch
+  may deliver a record twice.)
+- A payload from a tombstone (header ``x-payler-null-value``) is published as a tombstone again
+  when it has a key; its dead-letter copy is an empty record with the header, so that a
+  compacted dead-letter topic does not delete it.
 - ``ensure_queue`` creates a missing topic (the workflows' dead-letter and ``declare_queues``
   topics, the served one); an existing topic is used as it is.
 """
@@ -51,29 +85,30 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from aiokafka import (  # type: ignore[import-untyped]  # aiokafka ships no type hints
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-)
+from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]  # no type hints
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 
+from payler.backoff import Backoff
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import Broker
-from payler.drivers.brokers.mapping import TYPED_HEADERS, from_kafka_headers, to_kafka_headers
+from payler.drivers.brokers.kafka_metadata import (
+    MetadataUnavailable,
+    MetadataUnsupported,
+    describe_topics,
+)
+from payler.drivers.brokers.kafka_source import REQUEST_TIMEOUT_MS, KafkaSource, record_id
+from payler.drivers.brokers.mapping import NULL_VALUE, to_kafka_headers
 from payler.errors import ConfigError, StartupError, TransientError
 from payler.payload import Payload
 from payler.urls import mask_url, redact
+
+__all__ = ["KafkaBroker", "KafkaSettings", "record_id"]
 
 log = logging.getLogger("payler.kafka")
 
 #: How long connecting may take before start-up fails.
 CONNECT_TIMEOUT_S = 10.0
-#: How long a request (a produce, a metadata lookup) may take.
-REQUEST_TIMEOUT_MS = 30_000
-#: How long one poll waits for records before ``serve`` looks at ``stop`` again.
-POLL_MS = 250
 
 #: Errors that mean "this record will never be accepted": permanent rejections.
 _REFUSED = (
@@ -89,13 +124,8 @@ _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 #: The URL options that are numbers (positive integers); the others are text.
 _INT_OPTIONS = frozenset(
     ("session_timeout_ms", "heartbeat_interval_ms", "partitions", "replication_factor",
-     "max_request_size"),
+     "max_request_size", "retry_base_ms", "retry_max_ms", "topic_check_ms"),
 )  # fmt: skip
-
-
-def record_id(topic: str, partition: int, offset: int) -> str:
-    """The spool id of a Kafka record: the same record consumed again is the same entry."""
-    return f"kafka:{topic}:{partition}:{offset}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +140,14 @@ class KafkaSettings:
     partitions: int = 3
     replication_factor: int | None = None
     max_request_size: int = 1_048_576
+    retry_base_ms: int = 1_000
+    retry_max_ms: int = 30_000
+    topic_check_ms: int = 10_000
+
+    @property
+    def retry_backoff(self) -> Backoff:
+        """The backoff before a record refused for now is taken again."""
+        return Backoff(self.retry_base_ms / 1000, max(self.retry_base_ms, self.retry_max_ms) / 1000)
 
     @classmethod
     def from_url(cls, url: str) -> KafkaSettings:
@@ -158,7 +196,11 @@ class KafkaBroker(Broker):
             **common,
             acks="all",
             enable_idempotence=False,
-            request_timeout_ms=REQUEST_TIMEOUT_MS,
+            # aiokafka waits this long for a produce, and for the metadata of a topic it does not
+            # know: well within the publish timeout, which bounds the whole batch.
+            request_timeout_ms=max(
+                1000, min(REQUEST_TIMEOUT_MS, int(self.publish_timeout_s * 500))
+            ),
             max_request_size=self.settings.max_request_size,
         )
         self._admin = AIOKafkaAdminClient(**common, request_timeout_ms=REQUEST_TIMEOUT_MS)
@@ -212,108 +254,41 @@ class KafkaBroker(Broker):
         if self.queue is None:
             raise ValueError("this broker was opened without a queue to serve")
         await self.ensure_queue(self.queue)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            client_id="payler",
-            group_id=self.settings.group,
-            enable_auto_commit=False,
-            auto_offset_reset=self.settings.auto_offset_reset,
-            session_timeout_ms=self.settings.session_timeout_ms,
-            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
-            max_poll_records=self.batch_size,
-            request_timeout_ms=REQUEST_TIMEOUT_MS,
-        )
-        guard = _BatchGuard()
-        consumer.subscribe([self.queue], listener=guard)
-        try:
-            await consumer.start()
-            while not stop.is_set():
-                records = await consumer.getmany(timeout_ms=POLL_MS, max_records=self.batch_size)
-                if records:
-                    async with guard.lock:  # a rebalance waits for this batch
-                        await self._handle(consumer, records, handler)
-        except kafka_errors.KafkaError as exc:
-            raise TransientError(f"consuming topic {self.queue!r} failed: {exc!r}") from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await consumer.stop()  # commits nothing: auto-commit is off
-
-    async def _handle(self, consumer: Any, records: dict[Any, list[Any]], handler: Handler) -> None:
-        received_ms = self.clock.now_ms()
-        payloads = {
-            tp: [self._decode(record, received_ms) for record in batch]
-            for tp, batch in records.items()
-        }
-        self.metrics.incr("received", sum(len(batch) for batch in records.values()))
-        rejections = {
-            r.payload_id: r for r in await handler([p for ps in payloads.values() for p in ps])
-        }
-        offsets, rewind = {}, {}
-        for tp, batch in records.items():
-            offsets[tp] = batch[-1].offset + 1
-            for record, payload in zip(batch, payloads[tp], strict=True):
-                rejection = rejections.get(payload.id)
-                if rejection is None:
-                    continue
-                if not rejection.permanent:  # consumed again, with what follows it
-                    offsets[tp] = rewind[tp] = record.offset
-                    break
-                log.warning("dropping record %s: %s", payload.id, rejection.reason)
-        # Partitions revoked meanwhile are not ours to commit: their new owner consumes again.
-        owned = consumer.assignment()
-        try:
-            await consumer.commit({tp: o for tp, o in offsets.items() if tp in owned})
-        except kafka_errors.KafkaError as exc:
-            raise TransientError(
-                f"could not commit the offsets of topic {self.queue!r} "
-                f"(the records will be consumed again): {exc!r}"
-            ) from exc
-        for tp, offset in rewind.items():
-            if tp in owned:
-                consumer.seek(tp, offset)
-
-    def _decode(self, record: Any, received_ms: int) -> Payload:
-        stamp = record.timestamp  # -1 (or None) when the producer set none
-        timestamp = stamp if isinstance(stamp, int) and stamp >= 0 else None
-        try:
-            headers, properties = from_kafka_headers(record.headers, timestamp)
-        except ValueError as exc:  # a foreign producer's malformed typed header: keep it as text
-            log.warning("record %s:%s:%s: %s", record.topic, record.partition, record.offset, exc)
-            plain = [(k, v) for k, v in record.headers if k != TYPED_HEADERS]
-            headers, properties = from_kafka_headers(plain, timestamp)
-        return Payload(
-            id=record_id(record.topic, record.partition, record.offset),
-            body=record.value or b"",
-            key=record.key,
-            headers=headers,
-            properties=properties,
-            source=record.topic,
-            destination="",
-            due_ms=received_ms,
-            created_ms=received_ms,
-        )
+        await KafkaSource(self, self.queue).run(handler, stop)
 
     # -- as a destination ----------------------------------------------------------------------
 
     async def _publish(
         self, items: Sequence[tuple[Payload, Mapping[str, Any]]], *, dead_letters: bool
     ) -> list[Rejection]:
+        try:
+            async with asyncio.timeout(self.publish_timeout_s):
+                return await self._publish_batch(items, dead_letters)
+        except TimeoutError:
+            raise TransientError(
+                f"publishing {len(items)} record(s) to Kafka took longer than "
+                f"{self.publish_timeout_s:g} s: an outage (the outcome is unknown)"
+            ) from None
+
+    async def _publish_batch(
+        self, items: Sequence[tuple[Payload, Mapping[str, Any]]], dead_letters: bool
+    ) -> list[Rejection]:
         rejections: list[Rejection] = []
         sent: list[tuple[Payload, asyncio.Future[Any]]] = []
-        missing: dict[str, str] = {}  # topic → why it cannot be published to
+        unroutable = await self._unroutable_topics({p.destination for p, _ in items})
         for payload, headers in items:
             topic = payload.destination
-            reason = missing.get(topic) or _invalid_topic(topic)
+            reason = unroutable.get(topic) or _invalid_topic(topic)
             if reason is None:
                 try:
-                    sent.append((payload, await self._send(topic, payload, headers)))
+                    sent.append((payload, await self._send(payload, headers, dead_letters)))
                     continue
                 except _REFUSED as exc:
                     reason = f"Kafka refuses it: {_describe(exc)}"
                 except (TypeError, ValueError) as exc:  # a header value Kafka cannot carry
                     reason = f"cannot encode for Kafka: {exc}"
                 except kafka_errors.UnknownTopicOrPartitionError as exc:
-                    reason = missing[topic] = await self._missing_topic(topic, exc)
+                    reason = unroutable[topic] = await self._missing_topic(topic, exc)
             rejections.append(Rejection(payload.id, reason, permanent=True))
         results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         for (payload, _), result in zip(sent, results, strict=True):
@@ -326,42 +301,78 @@ class KafkaBroker(Broker):
                 raise result
         return rejections
 
-    async def _send(self, topic: str, payload: Payload, headers: Mapping[str, Any]) -> Any:
+    async def _unroutable_topics(self, topics: set[str]) -> dict[str, str]:
+        """Why each of ``topics`` that cannot be published to cannot be (missing, forbidden).
+
+        aiokafka, asked to send to a topic it has no metadata for, asks again and again until its
+        request timeout; one metadata request here tells a missing topic at once.
+        """
+        producer, _ = self._connected()
+        unknown = [
+            t
+            for t in topics
+            if _invalid_topic(t) is None and producer.client.cluster.partitions_for_topic(t) is None
+        ]
+        if not unknown:
+            return {}
+        try:
+            # As the producer's own lookup would: a broker that creates topics on demand may.
+            described = await describe_topics(
+                producer.client, unknown, timeout_s=self.publish_timeout_s, auto_create=True
+            )
+        except MetadataUnavailable as exc:
+            raise TransientError(f"cannot reach Kafka: {exc}") from exc
+        except MetadataUnsupported:
+            return {}  # aiokafka's own lookup decides, bounded by the publish timeout
+        reasons = {}
+        for topic in unknown:
+            state = described.topics.get(topic)
+            if state is None:
+                continue
+            if state.missing:
+                reasons[topic] = _unroutable(topic)
+            elif state.error is kafka_errors.TopicAuthorizationFailedError:
+                reasons[topic] = f"Kafka refuses it: not authorised to publish to topic {topic!r}"
+        return reasons
+
+    async def _send(
+        self, payload: Payload, headers: Mapping[str, Any], dead_letter: bool
+    ) -> asyncio.Future[Any]:
         """Queue one record; the future it returns resolves when the broker has it."""
         producer, _ = self._connected()
+        value: bytes | None = payload.body
+        tombstone = headers.get(NULL_VALUE) is True and not payload.body
+        if tombstone and payload.key is not None and not dead_letter:
+            value = None  # a tombstone again (aiokafka refuses one without a key)
+            headers = {k: v for k, v in headers.items() if k != NULL_VALUE}
         try:
-            return await producer.send(
-                topic,
-                value=payload.body,
+            future: asyncio.Future[Any] = await producer.send(
+                payload.destination,
+                value=value,
                 key=payload.key,
                 headers=to_kafka_headers(payload, headers),
-                timestamp_ms=payload.properties.timestamp_ms,
+                timestamp_ms=self.clock.now_ms(),
             )
         except (*_REFUSED, kafka_errors.UnknownTopicOrPartitionError):
             raise
         except (kafka_errors.KafkaError, OSError) as exc:
             raise TransientError(f"publishing to Kafka failed: {_describe(exc)}") from exc
+        return future
 
     async def _missing_topic(self, topic: str, exc: BaseException) -> str:
         # The producer waited for the topic's metadata in vain: a missing topic, or no broker?
         producer, _ = self._connected()
         if not await producer.client.force_metadata_update():
             raise TransientError(f"cannot reach Kafka: {_describe(exc)}") from exc
-        return f"unroutable: topic {topic!r} does not exist (and Kafka does not create it)"
+        return _unroutable(topic)
 
 
-class _BatchGuard(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    """Makes a rebalance wait until the batch in hand is handled and committed."""
+def _request_timeout_ms(publish_timeout_s: float) -> int:
+    return max(1000, min(REQUEST_TIMEOUT_MS, int(publish_timeout_s * 500)))
 
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
 
-    async def on_partitions_revoked(self, revoked: object) -> None:
-        async with self.lock:
-            pass
-
-    async def on_partitions_assigned(self, assigned: object) -> None:
-        pass
+def _unroutable(topic: str) -> str:
+    return f"unroutable: topic {topic!r} does not exist (and Kafka does not create it)"
 
 
 def _invalid_topic(name: str) -> str | None:

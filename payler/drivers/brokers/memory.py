@@ -107,6 +107,22 @@ class MemoryBroker(Broker):
             requeue = [p for p in batch if p.id in rejections and not rejections[p.id].permanent]
             pending.extendleft(reversed(requeue))
 
+    async def peek(self, queue: str, limit: int) -> list[Payload]:
+        return [p.model_copy(update={"source": queue}) for p in self.messages(queue)[:limit]]
+
+    async def take(
+        self, queue: str, limit: int, select: Callable[[Payload], bool], handler: Handler
+    ) -> int:
+        waiting = self._queues.messages.get(queue, deque())
+        chosen = [p for p in list(waiting)[:limit] if select(p)]
+        if not chosen:
+            return 0
+        rejected = {r.payload_id for r in await handler(chosen)}
+        taken = [p for p in chosen if p.id not in rejected]
+        for payload in taken:
+            waiting.remove(payload)
+        return len(taken)
+
     async def _publish(
         self, items: Sequence[tuple[Payload, Mapping[str, Any]]], *, dead_letters: bool
     ) -> list[Rejection]:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,8 +185,10 @@ class RabbitMQBroker(Broker):
                 f"(they will be redelivered): {_describe(exc)}"
             ) from exc
 
-    def _decode(self, message: AbstractIncomingMessage, received_ms: int) -> Payload:
-        queue = self.queue or ""
+    def _decode(
+        self, message: AbstractIncomingMessage, received_ms: int, queue: str | None = None
+    ) -> Payload:
+        queue = queue or self.queue or ""
         payload = Payload(
             id="",
             body=message.body,
@@ -213,6 +215,50 @@ class RabbitMQBroker(Broker):
         meta = "" if message.message_id else payload.meta_json()
         payload.id = spool_id("amqp", queue, message.message_id, payload.body, meta)
         return payload
+
+    # -- looking into a queue (the admin operations) ----------------------------------------------
+
+    async def peek(self, queue: str, limit: int) -> list[Payload]:
+        """Get up to ``limit`` messages without acknowledging them; closing the channel puts
+        them back where they were (RabbitMQ marks them redelivered: the only trace)."""
+        async with self._held(queue, limit) as held:
+            return [payload for _, payload in held]
+
+    async def take(
+        self, queue: str, limit: int, select: Callable[[Payload], bool], handler: Handler
+    ) -> int:
+        async with self._held(queue, limit) as held:
+            chosen = [(m, p) for m, p in held if select(p)]
+            if not chosen:
+                return 0
+            rejected = {r.payload_id for r in await handler([p for _, p in chosen])}
+            taken = 0
+            for message, payload in chosen:
+                if payload.id not in rejected:
+                    await message.ack()
+                    taken += 1
+            return taken
+
+    @contextlib.asynccontextmanager
+    async def _held(
+        self, queue: str, limit: int
+    ) -> AsyncIterator[list[tuple[AbstractIncomingMessage, Payload]]]:
+        """Up to ``limit`` messages of ``queue``, held unacknowledged on a channel of their own;
+        every one not acknowledged in the block goes back to the queue when it closes."""
+        async with self.connection.channel() as channel:
+            try:
+                declared = await channel.get_queue(queue, ensure=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                yield []
+                return
+            received_ms = self.clock.now_ms()
+            held: list[tuple[AbstractIncomingMessage, Payload]] = []
+            while len(held) < limit:
+                message = await declared.get(no_ack=False, fail=False, timeout=CONNECT_TIMEOUT_S)
+                if message is None:
+                    break
+                held.append((message, self._decode(message, received_ms, queue)))
+            yield held
 
     # -- as a destination ----------------------------------------------------------------------
 

@@ -39,10 +39,14 @@ Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
   dead-letter destination refused even in its minimal form is kept here, never dropped. An id
   already taken is parked under that id plus a suffix (``!dead-<random>``).
 - ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
-- Admin: ``get``, ``list`` (filters: destination, due range, state; cursor pagination in due order),
-  ``count``, ``cancel`` (delete), ``reschedule`` (new due time, lease dropped: a delivery in
-  progress of that entry can then no longer settle it, and it is delivered again when due).
-  Leased entries count as ``pending``.
+- Admin: ``get``, ``state_of``, ``list`` (filters: destination, due range, state, message id,
+  correlation id; cursor pagination in due order), ``count``, ``cancel`` (delete),
+  ``reschedule`` (new due time, lease dropped: a delivery in progress of that entry can then no
+  longer settle it, and it is delivered again when due). Leased entries count as ``pending``.
+- Lookups by message id and correlation id (``properties.message_id``/``correlation_id``) go
+  through an index of each backend (``_lookup``), never a scan of the spool; one value matches
+  at most :data:`LOOKUP_LIMIT` entries (more are not returned). A spool written before these
+  indexes existed is indexed when it is first opened.
 
 Backends implement the ``_``-prefixed hooks; the public methods here validate arguments and keep
 the shared bookkeeping (the local wake-up of watchers when a sooner entry is stored).
@@ -58,7 +62,7 @@ import random
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from payler.clock import Clock, SystemClock
 from payler.drivers.base import BaseDriver, Handler, Rejection
@@ -71,6 +75,11 @@ from payler.payload import Payload
 log = logging.getLogger("payler.storage")
 
 EntryState = Literal["pending", "dead"]
+#: The message properties the spool indexes, for lookups.
+LookupField = Literal["message_id", "correlation_id"]
+LOOKUP_FIELDS: tuple[LookupField, ...] = get_args(LookupField)
+#: The most entries one message id or correlation id lookup returns.
+LOOKUP_LIMIT = 10_000
 #: How long a delivered entry's id keeps a redelivered copy of its source message out.
 DEFAULT_DEDUPE_WINDOW_MS = 600_000
 #: How long a cancelled watch loop still waits for a batch it was settling.
@@ -201,7 +210,8 @@ class SpoolStorage(BaseDriver):
         if not batch:
             return Stored()
         digests = [content_digest(p) for p in batch]
-        stored = await self._store(batch, digests)
+        with self.metrics.timer("store_batch_seconds"):
+            stored = await self._store(batch, digests)
         _board.stored(self.url, min(p.due_ms for p in batch))
         return stored
 
@@ -262,6 +272,10 @@ class SpoolStorage(BaseDriver):
         """The entry with this id (pending or dead), or ``None``."""
         return await self._get(payload_id)
 
+    async def state_of(self, payload_id: str) -> EntryState | None:
+        """The state of the entry with this id (``pending`` or ``dead``), or ``None``."""
+        return await self._state_of(payload_id)
+
     async def list(
         self,
         *,
@@ -271,11 +285,34 @@ class SpoolStorage(BaseDriver):
         state: EntryState = "pending",
         limit: int = 100,
         cursor: str | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
     ) -> Page:
-        """Entries in due order, filtered; ``cursor`` from the previous page continues it."""
+        """Entries in due order, filtered; ``cursor`` from the previous page continues it.
+
+        With ``message_id`` or ``correlation_id``, the entries come from that index (at most
+        :data:`LOOKUP_LIMIT` of them), the other filters applied to them.
+        """
         if limit <= 0:
             raise ValueError("limit must be positive")
-        return await self._list(destination, due_from_ms, due_to_ms, state, limit, cursor)
+        if message_id is None and correlation_id is None:
+            return await self._list(destination, due_from_ms, due_to_ms, state, limit, cursor)
+        field: LookupField = "message_id" if message_id is not None else "correlation_id"
+        found = await self._lookup(field, message_id or correlation_id or "", state, LOOKUP_LIMIT)
+        after = decode_cursor(cursor) if cursor else None
+        matching = sorted(
+            (p for p in found
+             if (message_id is None or p.properties.message_id == message_id)
+             and (correlation_id is None or p.properties.correlation_id == correlation_id)
+             and (destination is None or p.destination == destination)
+             and (due_from_ms is None or p.due_ms >= due_from_ms)
+             and (due_to_ms is None or p.due_ms <= due_to_ms)
+             and (after is None or (p.due_ms, p.id) > after)),
+            key=lambda p: (p.due_ms, p.id),
+        )  # fmt: skip
+        items = matching[:limit]
+        more = len(matching) > limit
+        return Page(items, encode_cursor(items[-1].due_ms, items[-1].id) if more else None)
 
     async def count(self, *, destination: str | None = None, state: EntryState = "pending") -> int:
         """How many entries, filtered."""
@@ -338,6 +375,10 @@ class SpoolStorage(BaseDriver):
             raise
         rejections = {r.payload_id: r for r in handed}
         done = [c for c in claims if c.payload.id not in rejections]
+        confirmed_ms = self.clock.now_ms()
+        self.metrics.observe(
+            "lateness_seconds", [(confirmed_ms - c.payload.due_ms) / 1000 for c in done]
+        )
         # Settling runs to its end: once the destination has the payloads, a cancellation (the
         # grace period running out) must not stop us between the publish and the delete, nor
         # let the storage be closed under it; that would cost a duplicate of every entry.
@@ -436,6 +477,9 @@ class SpoolStorage(BaseDriver):
     async def _get(self, payload_id: str) -> Payload | None: ...
 
     @abstractmethod
+    async def _state_of(self, payload_id: str) -> EntryState | None: ...
+
+    @abstractmethod
     async def _list(
         self,
         destination: str | None,
@@ -448,6 +492,13 @@ class SpoolStorage(BaseDriver):
 
     @abstractmethod
     async def _count(self, destination: str | None, state: EntryState) -> int: ...
+
+    @abstractmethod
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> builtins.list[Payload]:
+        """Up to ``limit`` entries in ``state`` whose property ``field`` is ``value``, found
+        through an index (in any order)."""
 
     @abstractmethod
     async def _cancel(self, payload_id: str) -> bool: ...
@@ -477,8 +528,11 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MIN_FREE_BYTES",
+    "LOOKUP_FIELDS",
+    "LOOKUP_LIMIT",
     "Claim",
     "EntryState",
+    "LookupField",
     "Page",
     "SpoolStorage",
     "Stored",

@@ -14,6 +14,7 @@ from typing import Literal
 from payler.drivers.storages.base import (
     Claim,
     EntryState,
+    LookupField,
     Page,
     SpoolStorage,
     decode_cursor,
@@ -141,6 +142,10 @@ class MemoryStorage(SpoolStorage):
         entry = self._visible(payload_id)
         return None if entry is None else entry.payload
 
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        entry = self._visible(payload_id)
+        return None if entry is None or entry.state == "delivered" else entry.state
+
     async def _list(
         self,
         destination: str | None,
@@ -170,6 +175,17 @@ class MemoryStorage(SpoolStorage):
             for e in self._entries.values()
             if e.state == state and (destination is None or e.payload.destination == destination)
         )
+
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        # A scan: this storage holds a test's few entries (the others use an index).
+        found = [
+            e.payload
+            for e in self._entries.values()
+            if e.state == state and getattr(e.payload.properties, field) == value
+        ]
+        return found[:limit]
 
     async def _cancel(self, payload_id: str) -> bool:
         return self._visible(payload_id) is not None and bool(self._entries.pop(payload_id))

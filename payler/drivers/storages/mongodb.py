@@ -28,12 +28,15 @@ from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError, WriteConcernError
 
+from payler import codec
 from payler.clock import Clock
 from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
+    LOOKUP_FIELDS,
     Claim,
     EntryState,
+    LookupField,
     Page,
     SpoolStorage,
     decode_cursor,
@@ -51,6 +54,10 @@ log = logging.getLogger("payler.storage.mongodb")
 Doc = dict[str, Any]
 
 SPOOL_COLLECTION = "payler_spool"
+#: Where the layout version of each payler collection is kept (``{_id: name, version: n}``).
+SCHEMA_COLLECTION = "payler_schema"
+#: The version of the document layout this module writes (1: the lookup fields).
+_LAYOUT = 1
 DEFAULT_DATABASE = "payler"
 #: The original Payler's spool collection, imported once at connect.
 LEGACY_COLLECTION = "payloads"
@@ -118,6 +125,9 @@ class MongoStorage(SpoolStorage):
             await spool.create_index(
                 [("state", ASCENDING), ("destination", ASCENDING), *_DUE_ORDER]
             )
+            for field in LOOKUP_FIELDS:
+                await spool.create_index([(field, ASCENDING), ("state", ASCENDING)])
+            await self._upgrade(database[SCHEMA_COLLECTION])
             await self._import_legacy(database[LEGACY_COLLECTION])
         except (PyMongoError, TransientError, ValueError) as exc:  # ValueError: a malformed URL
             await self.close()
@@ -245,6 +255,15 @@ class MongoStorage(SpoolStorage):
         return None if doc is None else _from_doc(doc)
 
     @_transient
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        doc = await self._spool.find_one(
+            {"_id": payload_id, "state": {"$ne": "delivered"}}, {"state": 1}
+        )
+        if doc is None:
+            return None
+        return "dead" if doc["state"] == "dead" else "pending"
+
+    @_transient
     async def _list(
         self,
         destination: str | None,
@@ -287,6 +306,35 @@ class MongoStorage(SpoolStorage):
             {"$set": {"due_ms": due_ms, "visible_ms": due_ms, "token": None, "state": "pending"}},
         )
         return result.matched_count == 1
+
+    @_transient
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        found = self._spool.find({field: value, "state": state}).limit(limit)
+        return [_from_doc(doc) async for doc in found]
+
+    async def _upgrade(self, schema: AsyncCollection[Doc]) -> None:
+        """Bring a spool made by an earlier payler to this document layout (additive only).
+
+        Layout 1 added the lookup fields (``message_id``, ``correlation_id``): the entries
+        stored before get them from their metadata, once; a marker in ``payler_schema``
+        records it, so that later starts do not look again.
+        """
+        marker = await schema.find_one({"_id": SPOOL_COLLECTION})
+        if marker is not None and marker.get("version", 0) >= _LAYOUT:
+            return
+        old = {"message_id": {"$exists": False}, "state": {"$in": ["pending", "dead"]}}
+        async for doc in self._spool.find(old, {"meta": 1}):
+            try:
+                properties = codec.loads(doc.get("meta") or "{}").get("properties", {})
+            except (ValueError, AttributeError):
+                properties = {}
+            update = {field: properties.get(field) for field in LOOKUP_FIELDS}
+            await self._spool.update_one({"_id": doc["_id"]}, {"$set": update})
+        await schema.update_one(
+            {"_id": SPOOL_COLLECTION}, {"$set": {"version": _LAYOUT}}, upsert=True
+        )
 
     # -- the original Payler's spool ---------------------------------------------------------------
 
@@ -339,6 +387,8 @@ def _to_doc(payload: Payload, state: EntryState = "pending", digest: str | None 
         "body": payload.body,
         "meta": payload.meta_json(),
         "digest": digest,
+        "message_id": payload.properties.message_id,
+        "correlation_id": payload.properties.correlation_id,
     }
 
 

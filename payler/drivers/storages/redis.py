@@ -26,7 +26,9 @@ lose the last writes too. The local test server runs without persistence. One Re
 
 redis-py's own command retries are turned off: a lost connection surfaces at once as a
 :class:`~payler.errors.TransientError` and the runtime restarts the workflow with backoff, the one
-reconnect mechanism payler has.
+reconnect mechanism payler has. So do the replies of a server that cannot take writes for now,
+recognised by their class (:func:`~payler.errors.is_transient`): READONLY (the server was
+demoted to a replica: a failover), LOADING, BUSY, OOM, MISCONF, NOREPLICAS, MASTERDOWN...
 """
 
 from __future__ import annotations
@@ -41,16 +43,17 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from payler import codec
 from payler.clock import Clock
 from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
+    LOOKUP_FIELDS,
     Claim,
     EntryState,
+    LookupField,
     Page,
     SpoolStorage,
     decode_cursor,
@@ -59,12 +62,14 @@ from payler.drivers.storages.base import (
 )
 from payler.drivers.storages.dedupe import Stored
 from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
-from payler.errors import StartupError, transient_on
+from payler.errors import StartupError, is_transient, transient_on
 from payler.identity import derived_id
 from payler.metrics import Metrics
 from payler.payload import Payload
 from payler.urls import mask_url, redact
 
+#: The version of the key layout (see redis_keys.py) this module writes.
+_LAYOUT = 1
 #: The hash fields that make up a payload, in the order the scripts return them.
 _RECORD = ("id", "body", "meta", "destination", "due_ms", "created_ms", "attempts", "last_error")
 #: Payloads and body bytes per store script call: they bound the size of one command (Redis
@@ -105,15 +110,33 @@ local function unbury(id, destination)
   redis.call('ZREM', DEAD, id)
   redis.call('ZREM', DEAD_TO .. destination, id)
 end
+-- The lookup sets (KeySpace.lookup): <prefix>by:<field>:<value>, the prefix being ENTRY less
+-- its 'entry:'. The entry's hash keeps the values, to take it out of them when it goes.
+local BY = string.sub(ENTRY, 1, -7) .. 'by:'
+local function index_ids(id, entry, message_id, correlation_id)
+  if message_id ~= '' then
+    redis.call('SADD', BY .. 'message_id:' .. message_id, id)
+    redis.call('HSET', entry, 'message_id', message_id)
+  end
+  if correlation_id ~= '' then
+    redis.call('SADD', BY .. 'correlation_id:' .. correlation_id, id)
+    redis.call('HSET', entry, 'correlation_id', correlation_id)
+  end
+end
+local function unindex_ids(id, entry)
+  local got = redis.call('HMGET', entry, 'message_id', 'correlation_id')
+  if got[1] then redis.call('SREM', BY .. 'message_id:' .. got[1], id) end
+  if got[2] then redis.call('SREM', BY .. 'correlation_id:' .. got[2], id) end
+end
 """
 
 # ARGV[4]: the state of the new entries ('pending', or 'dead' to park them); ARGV[5..]: per
 # payload, id, body, meta, destination, due_ms, created_ms, attempts, has_error ('0'/'1'),
-# last_error, digest, derived id. The rule of payler/drivers/storages/dedupe.py: an id already
-# stored (pending, dead, or a delivered entry's tombstone) with the same digest, or none, is a
-# duplicate, left as it is; with another digest, the payload goes under its derived id (unless
-# that is taken too: the same reuse, redelivered). Returns, per payload, the id it was stored
-# under, or '' for a duplicate.
+# last_error, message_id, correlation_id ('' for none), digest, derived id. The rule of
+# payler/drivers/storages/dedupe.py: an id already stored (pending, dead, or a delivered entry's
+# tombstone) with the same digest, or none, is a duplicate, left as it is; with another digest,
+# the payload goes under its derived id (unless that is taken too: the same reuse, redelivered).
+# Returns, per payload, the id it was stored under, or '' for a duplicate.
 _STORE = """
 -- The digest stored under `id`: '' when the entry has none, nil when there is no such entry.
 local function stored_digest(id)
@@ -124,11 +147,11 @@ local function stored_digest(id)
   return nil
 end
 local out, state = {}, ARGV[4]
-for i = 5, #ARGV, 11 do
-  local id, destination, due, digest = ARGV[i], ARGV[i + 3], ARGV[i + 4], ARGV[i + 9]
+for i = 5, #ARGV, 13 do
+  local id, destination, due, digest = ARGV[i], ARGV[i + 3], ARGV[i + 4], ARGV[i + 11]
   local seen = stored_digest(id)
   if seen and seen ~= '' and seen ~= digest then
-    id = ARGV[i + 10]
+    id = ARGV[i + 12]
     seen = stored_digest(id)
   end
   if seen then
@@ -139,6 +162,7 @@ for i = 5, #ARGV, 11 do
       'destination', destination, 'due_ms', due, 'visible_ms', due,
       'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', state, 'digest', digest)
     if ARGV[i + 7] == '1' then redis.call('HSET', entry, 'last_error', ARGV[i + 8]) end
+    index_ids(id, entry, ARGV[i + 9], ARGV[i + 10])
     if state == 'dead' then
       redis.call('ZADD', DEAD, due, id)
       redis.call('ZADD', DEAD_TO .. destination, due, id)
@@ -179,6 +203,7 @@ for i = 5, #ARGV, 2 do
   local destination = held(ENTRY .. id, ARGV[i + 1])
   if destination then
     local digest = redis.call('HGET', ENTRY .. id, 'digest')
+    unindex_ids(id, ENTRY .. id)
     redis.call('DEL', ENTRY .. id)
     unpend(id, destination)
     redis.call('ZADD', DELIVERED, ARGV[4], id)
@@ -245,6 +270,7 @@ _CANCEL = """
 local id = ARGV[4]
 local destination = redis.call('HGET', ENTRY .. id, 'destination')
 if not destination then return 0 end
+unindex_ids(id, ENTRY .. id)
 redis.call('DEL', ENTRY .. id)
 unpend(id, destination)
 unbury(id, destination)
@@ -290,7 +316,9 @@ return records
 """
 
 
-_transient = transient_on((RedisConnectionError, RedisTimeoutError), "Redis spool")
+# Outages (a lost connection, and the error replies of a server that cannot write now: READONLY
+# after a failover, LOADING, OOM, BUSY...) are retried; any other error reply is a bug.
+_transient = transient_on((RedisError,), "Redis spool", when=is_transient)
 
 
 def split_prefix(url: str) -> tuple[str, str]:
@@ -376,6 +404,41 @@ class RedisStorage(SpoolStorage):
         self._reschedule_script = script(_SPOOL + _RESCHEDULE)
         self._cancel_script, self._list_script = script(_SPOOL + _CANCEL), script(_LIST)
         self._purge_script = script(_SPOOL + _PURGE)
+        try:
+            await self._upgrade()
+        except RedisError as exc:
+            await self.close()
+            raise StartupError(
+                f"cannot use the Redis spool storage {mask_url(self.url)!r}: "
+                f"{redact(str(exc), self.url)}"
+            ) from exc
+
+    async def _upgrade(self) -> None:
+        """Bring a spool made by an earlier payler to this key layout (additive only).
+
+        Layout 1 added the lookup sets: the entries already stored are indexed once, by
+        whichever process opens the spool first (another doing the same meanwhile only adds
+        the same members again).
+        """
+        client = self.client
+        if int(await client.get(self.keys.schema) or 0) >= _LAYOUT:
+            return
+        async for key in client.scan_iter(match=self.keys.match_entries, count=1000):
+            payload_id, meta, state = await client.hmget(key, ["id", "meta", "state"])
+            if payload_id is None or meta is None or state not in (b"pending", b"dead"):
+                continue
+            try:
+                properties = codec.loads(meta).get("properties", {})
+            except (ValueError, AttributeError):
+                continue  # unreadable metadata: it is dead-lettered when claimed
+            async with client.pipeline(transaction=False) as pipe:
+                for field in LOOKUP_FIELDS:
+                    value = properties.get(field)
+                    if isinstance(value, str) and value:
+                        pipe.sadd(self.keys.lookup(field, value), payload_id)
+                        pipe.hset(key, field, value)
+                await pipe.execute()
+        await client.set(self.keys.schema, _LAYOUT)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -406,7 +469,9 @@ class RedisStorage(SpoolStorage):
             for p, digest in zip(batch[start:end], digests[start:end], strict=True):
                 error = (0, "") if p.last_error is None else (1, p.last_error)
                 args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
-                args += [p.attempts, *error, digest, derived_id(p.id, digest)]
+                args += [p.attempts, *error]
+                args += [p.properties.message_id or "", p.properties.correlation_id or ""]
+                args += [digest, derived_id(p.id, digest)]
             outcome = await self._run(self._store_script, state, *args)
             for p, got in zip(batch[start:end], outcome, strict=True):
                 if not got:
@@ -456,6 +521,13 @@ class RedisStorage(SpoolStorage):
         return None if record[0] is None else _payload(record)
 
     @_transient
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        state = await self.client.hget(self.keys.entry(payload_id), "state")
+        if state is None:
+            return None
+        return "dead" if state == b"dead" else "pending"
+
+    @_transient
     async def _list(
         self,
         destination: str | None,
@@ -485,6 +557,32 @@ class RedisStorage(SpoolStorage):
     async def _count(self, destination: str | None, state: EntryState) -> int:
         """O(1): every (state, destination) pair has an index of its own."""
         return int(await self.client.zcard(self._index(destination, state)))
+
+    @_transient
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        index = self.keys.lookup(field, value)
+        # One value: a handful of entries. (Bytes: the client does not decode responses.)
+        ids = sorted(
+            bytes(m) if isinstance(m, bytes) else m.encode()
+            for m in await self.client.smembers(index)
+        )
+        found: list[Payload] = []
+        gone: list[bytes] = []
+        for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500)):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for payload_id in chunk:
+                    pipe.hmget(self.keys.entry(payload_id.decode()), [*_RECORD, "state"])
+                records = await pipe.execute()
+            for payload_id, record in zip(chunk, records, strict=True):
+                if record[0] is None:
+                    gone.append(payload_id)  # a record removed by hand: drop its index entry
+                elif record[-1] == state.encode() and len(found) < limit:
+                    found.append(_payload(record[:-1]))
+        if gone:
+            await self.client.srem(index, *gone)
+        return found
 
     @_transient
     async def _cancel(self, payload_id: str) -> bool:

@@ -13,7 +13,15 @@ another spool's, or their keys could meet (``a:`` and ``a:entry:`` would).
 ``<prefix>due:dead:to:<destination>``       zset: one destination's dead entries by due ms
 ``<prefix>delivered``                       zset: delivered entries' ids by tombstone expiry ms
 ``<prefix>delivered:digests``               hash: delivered entry id → its content digest
+``<prefix>by:message_id:<value>``           set: ids of the entries with that message id
+``<prefix>by:correlation_id:<value>``       set: ids of the entries with that correlation id
+``<prefix>schema``                          string: the version of this key layout
 ==========================================  =============================================
+
+The lookup sets (``by:``) were added in layout version 1: a spool made before is indexed when
+a payler that knows them first opens it. The Lua scripts build their names from the entry
+prefix (``<prefix>entry:`` less ``entry:``, plus ``by:``): keep :meth:`KeySpace.lookup` and
+``_SPOOL`` in ``redis.py`` in step.
 
 Members of every zset are entry ids. Ids and destinations are the *last* part of their keys, so
 no id or destination can make two keys collide.
@@ -72,6 +80,20 @@ class KeySpace:
     def by_destination(self, state: EntryState, destination: str) -> str:
         """The entries in ``state`` going to ``destination``, scored by due ms."""
         return f"{self.destination_prefix(state)}{destination}"
+
+    def lookup(self, field: str, value: str) -> str:
+        """The set of the ids of entries whose property ``field`` is ``value``."""
+        return f"{self.prefix}by:{field}:{value}"
+
+    @property
+    def schema(self) -> str:
+        """The layout version of this spool's keys."""
+        return f"{self.prefix}schema"
+
+    @property
+    def match_entries(self) -> str:
+        """A ``SCAN MATCH`` pattern for every entry hash of this spool."""
+        return _GLOB_SPECIALS.sub(r"\\\1", self.entry_prefix) + "*"
 
     @property
     def match_all(self) -> str:

@@ -43,6 +43,7 @@ from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
     Claim,
     EntryState,
+    LookupField,
     Page,
     SpoolStorage,
     decode_cursor,
@@ -77,9 +78,17 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS spool_due ON spool (state, due_ms, id)",
     "CREATE INDEX IF NOT EXISTS spool_destination ON spool (state, destination, due_ms, id)",
 ]
-#: Columns added since the first schema, each with its definition: added to an older file when
-#: it is opened (older entries have NULL there).
-_ADDED_COLUMNS = {"digest": "TEXT"}
+#: The version of the schema this module writes (``PRAGMA user_version``). Each later version
+#: only adds (columns, indexes), so a file stays usable by the payler that made it; a file made
+#: before is brought up to it when opened, by whichever process opens it first.
+#: 1: the lookup columns (message and correlation ids), filled from each entry's metadata.
+#: 2: the content digest (entries stored before have none: the same message, for ``store``).
+_SCHEMA_VERSION = 2
+_LOOKUP_COLUMNS = ("message_id", "correlation_id")
+_LOOKUP_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS spool_message_id ON spool (message_id)",
+    "CREATE INDEX IF NOT EXISTS spool_correlation_id ON spool (correlation_id)",
+)
 _PAYLOAD_COLUMNS = "id, body, meta, destination, due_ms, created_ms, attempts, last_error"
 #: The token of an unleased entry: as long as a real one (never equal: not hex). A row whose size
 #: does not change is updated in place, its overflow pages untouched (SQLite 3.23+); with NULL
@@ -280,6 +289,12 @@ class SQLiteStorage(SpoolStorage):
         )
         return _payload(rows[0]) if rows else None
 
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        rows = await self._one(
+            "SELECT state FROM spool WHERE id = ? AND state != 'delivered'", (payload_id,)
+        )
+        return _entry_state(rows[0][0]) if rows else None
+
     async def _list(
         self,
         destination: str | None,
@@ -323,6 +338,16 @@ class SQLiteStorage(SpoolStorage):
             )
         return int(rows[0][0])
 
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        column = {"message_id": "message_id", "correlation_id": "correlation_id"}[field]
+        rows = await self._one(
+            f"SELECT {_PAYLOAD_COLUMNS} FROM spool WHERE {column} = ? AND state = ? LIMIT ?",
+            (value, state, limit),
+        )
+        return [_payload(row) for row in rows]
+
     async def _cancel(self, payload_id: str) -> bool:
         return bool(
             await self._changes(
@@ -348,10 +373,7 @@ def _set_up(db: sqlite3.Connection, path: Path) -> None:
         created = db.execute(found).fetchone() is None
         for statement in _SCHEMA:
             db.execute(statement)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
-        for name, definition in _ADDED_COLUMNS.items():
-            if name not in columns:  # a spool written by an older payler: still readable
-                db.execute(f"ALTER TABLE spool ADD COLUMN {name} {definition}")
+        _upgrade(db)
         counts = dict(db.execute("SELECT state, COUNT(*) FROM spool GROUP BY state").fetchall())
         db.execute("COMMIT")
     except BaseException:
@@ -367,6 +389,31 @@ def _set_up(db: sqlite3.Connection, path: Path) -> None:
         )  # fmt: skip
 
 
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Add what later versions of the schema have to a spool file made before them (inside the
+    caller's transaction)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version >= _SCHEMA_VERSION:
+        return
+    columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
+    if version < 1:
+        for column in _LOOKUP_COLUMNS:
+            if column not in columns:
+                db.execute(f"ALTER TABLE spool ADD COLUMN {column} TEXT")
+        # Entries stored before: their ids from their metadata (skipping unreadable ones).
+        db.execute(
+            "UPDATE spool SET"
+            " message_id = json_extract(meta, '$.properties.message_id'),"
+            " correlation_id = json_extract(meta, '$.properties.correlation_id')"
+            " WHERE state != 'delivered' AND json_valid(meta)"
+        )
+        for statement in _LOOKUP_INDEXES:
+            db.execute(statement)
+    if version < 2 and "digest" not in columns:  # a new file has it from CREATE TABLE
+        db.execute("ALTER TABLE spool ADD COLUMN digest TEXT")
+    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+
 def _insert(
     db: sqlite3.Connection, batch: Sequence[Payload], digests: Sequence[str], state: EntryState
 ) -> Stored:
@@ -380,7 +427,8 @@ def _insert(
     inserts, stored = plan_store(batch, digests, taken)
     db.executemany(
         "INSERT INTO spool (id, token, state, due_ms, visible_ms, destination, attempts,"
-        " last_error, created_ms, body, meta, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " last_error, created_ms, body, meta, digest, message_id, correlation_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 p.id,
@@ -395,6 +443,8 @@ def _insert(
                 p.body,
                 p.meta_json(),
                 digest,
+                p.properties.message_id,
+                p.properties.correlation_id,
             )
             for p, digest in inserts
         ],
@@ -407,6 +457,10 @@ def _reusable(db: sqlite3.Connection) -> int:
     (pages,) = db.execute("PRAGMA freelist_count").fetchone()
     (page_size,) = db.execute("PRAGMA page_size").fetchone()
     return int(pages) * int(page_size)
+
+
+def _entry_state(value: object) -> EntryState:
+    return "dead" if value == "dead" else "pending"
 
 
 def _payload(row: sqlite3.Row | tuple[Any, ...]) -> Payload:

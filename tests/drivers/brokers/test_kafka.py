@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers import broker_from_url
 from payler.drivers.brokers.base import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE
 from payler.drivers.brokers.kafka import KafkaBroker
-from payler.drivers.brokers.mapping import from_kafka_headers
-from payler.errors import ConfigError, StartupError
+from payler.drivers.brokers.mapping import NULL_VALUE, from_kafka_headers
+from payler.errors import ConfigError, StartupError, TransientError
 from payler.payload import Payload
 from payler.testing import make_payload
-from tests.conftest import Kafka, free_port
+from tests.conftest import KAFKA_TEST_OPTIONS, Kafka, free_port, tansu_server
 
 pytestmark = pytest.mark.kafka
 
@@ -145,16 +147,20 @@ async def test_publish_keeps_key_headers_properties_timestamp_and_per_key_order(
     for payload in rest:
         payload.key = b"order-1"
 
+    before_ms = time.time_ns() // 1_000_000
     assert await broker.process([first, *rest]) == []
+    after_ms = time.time_ns() // 1_000_000
 
     records = [record for _, record in await kafka.collect(out, 41, timeout_s=10)]
     assert [r.value for r in records] == [b"hello"] + [f"{i}".encode() for i in range(40)]
     assert len({r.partition for r in records}) == 1
     record = records[0]
     assert record.key == b"order-1"
-    assert record.timestamp == 1_700_000_000_123
+    # Produced now (so that retention counts from now); the publish time travels in a header.
+    assert before_ms <= record.timestamp <= after_ms
     raw = dict(record.headers)
-    assert raw["kept"] == b"yes" and raw["content-type"] == b"text/plain"
+    assert raw["payler-timestamp"] == b"1700000000123"
+    assert raw["kept"] == b"yes" and raw["payler-content-type"] == b"text/plain"
     assert "x-delay" not in raw and "x-destination" not in raw  # not delayed twice
     got_headers, properties = from_kafka_headers(record.headers, record.timestamp)
     assert got_headers == {k: v for k, v in headers.items() if not k.startswith("x-")}
@@ -186,7 +192,8 @@ async def test_a_published_payload_is_served_back_as_it_was(
 
     await serve_until(kafka.url(), topic, handler, stop)
     [got] = served
-    assert re.fullmatch(rf"kafka:{topic}:\d:0", got.id)
+    # The cluster's id, the topic with its id, the partition, the offset.
+    assert re.fullmatch(rf"kafka:tansu_cluster:{topic}@[A-Za-z0-9_-]{{22}}:\d:0", got.id), got.id
     assert (got.body, got.key, got.headers, got.properties) == (
         sent.body,
         sent.key,
@@ -221,7 +228,9 @@ async def test_records_of_other_producers_are_taken_as_they_come(kafka: Kafka) -
     await serve_until(kafka.url(), topic, handler, stop)
     bare, odd = served[b"bare"], served[b"odd"]
     assert (bare.key, bare.headers, bare.properties.timestamp_ms) == (None, {}, 1_700_000_000_000)
-    assert (odd.key, odd.headers, odd.properties.priority) == (b"k", {"n": "{oops"}, None)
+    # Nothing dropped: what is not what payler would write is kept as it came.
+    assert (odd.key, odd.headers) == (b"k", {"n": "{oops", "priority": "hi"})
+    assert odd.properties.priority is None and odd.defect is None
 
 
 async def test_records_kafka_refuses_for_good_are_rejected_permanently(
@@ -266,6 +275,99 @@ async def test_dead_letters_carry_the_reason_and_the_original_headers(
     assert headers[DEAD_LETTER_SOURCE] == "jobs"
 
 
+class FreezingProxy:
+    """A TCP proxy in front of a broker that can stop passing bytes on: a broker that hangs."""
+
+    def __init__(self, port: int, upstream_port: int) -> None:
+        self.port, self.upstream_port = port, upstream_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FreezingProxy:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self.flowing.wait()
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sink.close()
+
+
+async def test_a_publish_never_outlives_the_publish_timeout(tmp_path: Path) -> None:
+    proxy_port = free_port()
+    with tansu_server(tmp_path, advertised_port=proxy_port) as upstream:
+        async with FreezingProxy(proxy_port, int(upstream.rpartition(":")[2])) as proxy:
+            url = f"kafka://127.0.0.1:{proxy_port}?group=g&{KAFKA_TEST_OPTIONS}"
+            async with KafkaBroker(url, publish_timeout_s=1.0) as broker:
+                await broker.ensure_queue("known")
+                assert await broker.process([make_payload(b"before", destination="known")]) == []
+                proxy.freeze()  # the broker stops answering (a hung broker, a partition)
+                try:
+                    # A topic payler has sent to, and one it has no metadata for yet.
+                    for topic in ("known", "unknown"):
+                        started = time.monotonic()
+                        with pytest.raises(TransientError, match=r"longer than 1 s|cannot reach"):
+                            await asyncio.wait_for(
+                                broker.process([make_payload(b"x", destination=topic)]), 10
+                            )
+                        assert time.monotonic() - started < 2.5
+                finally:
+                    proxy.thaw()
+
+
+async def test_tombstones_are_published_as_tombstones_and_dead_lettered_as_records(
+    broker: KafkaBroker, kafka: Kafka
+) -> None:
+    out, dlq = kafka.topic("out"), kafka.topic("dlq")
+    for topic in (out, dlq):
+        await broker.ensure_queue(topic)
+    tombstone = make_payload(b"", headers={NULL_VALUE: True}, destination=out)
+    tombstone.key = b"deleted"
+    keyless = make_payload(b"", headers={NULL_VALUE: True}, destination=out)
+
+    assert await broker.process([tombstone, keyless]) == []
+    assert await broker.dead_letter([(tombstone, "why")], dlq) == []
+
+    records = {r.key: r for _, r in await kafka.collect(out, 2, timeout_s=10)}
+    assert records[b"deleted"].value is None
+    assert NULL_VALUE not in dict(records[b"deleted"].headers)
+    # Kafka clients refuse a tombstone without a key: an empty record that says it was one.
+    assert records[None].value == b""
+    assert from_kafka_headers(records[None].headers, None)[0] == {NULL_VALUE: True}
+    # A compacted dead-letter topic must not delete the dead letter: it is a record.
+    [(_, dead)] = await kafka.collect(dlq, 1, timeout_s=10)
+    assert (dead.key, dead.value) == (b"deleted", b"")
+    assert from_kafka_headers(dead.headers, None)[0][NULL_VALUE] is True
+
+
 # -- as a source --------------------------------------------------------------------------------
 
 
@@ -298,40 +400,85 @@ async def test_serve_commits_only_after_the_handler_returned(kafka: Kafka) -> No
     await serve_until(url, source, taking, stop)
     assert set(seen) <= {p.id for p in taken}
     assert sorted(int(p.body) for p in taken) == list(range(25))
-    assert all(re.fullmatch(rf"kafka:{source}:\d:\d+", p.id) for p in taken)
+    assert all(re.fullmatch(rf"kafka:tansu_cluster:{source}@[\w-]+:\d:\d+", p.id) for p in taken)
     assert all(p.key == b"k" + p.body and p.source == source for p in taken)
     assert await uncommitted(kafka, source, ends) == {}
 
 
-async def test_a_transient_rejection_is_consumed_again_and_a_permanent_one_is_not(
+async def test_a_record_refused_for_now_alone_is_taken_again_after_a_backoff(
     kafka: Kafka,
 ) -> None:
     # One partition, so that the order of the records is the order they are consumed in.
-    source, url = kafka.topic("source"), kafka.url() + "&partitions=1"
+    source = kafka.topic("source")
+    url = kafka.url() + "&partitions=1&retry_base_ms=300&retry_max_ms=1000"
     async with KafkaBroker(url) as admin:
         await admin.ensure_queue(source)
     ends = await kafka.produce(source, [(None, f"{i}".encode(), []) for i in range(25)])
     stop = asyncio.Event()
-    bodies: list[int] = []
+    handed: list[tuple[float, int]] = []
 
     async def handler(batch: Sequence[Payload]) -> list[Rejection]:
-        bodies.extend(int(p.body) for p in batch)
+        handed.extend((time.monotonic(), int(p.body)) for p in batch)
+        bodies = [body for _, body in handed]
         rejections = []
         for payload in batch:
             if payload.body == b"3":
                 rejections.append(Rejection(payload.id, "invalid", permanent=True))
-            if payload.body == b"7" and bodies.count(7) == 1:
-                rejections.append(Rejection(payload.id, "try later"))
-        if set(bodies) == set(range(25)) and bodies.count(7) == 2:
+            if payload.body == b"7" and bodies.count(7) <= 3:
+                rejections.append(Rejection(payload.id, "the destination is full"))
+        if set(bodies) == set(range(25)) and bodies.count(7) == 4:
             stop.set()
         return rejections
 
     await serve_until(url, source, handler, stop)
-    counts = Counter(bodies)
-    assert [counts[i] for i in range(7)] == [1] * 7  # committed before the rejected record
-    assert counts[7] == 2  # handed back: consumed again
-    assert all(counts[i] >= 1 for i in range(8, 25))  # after it: consumed again (idempotent)
+    counts = Counter(body for _, body in handed)
+    # Refused three times, taken the fourth; every other record handed over once, never again.
+    assert counts[7] == 4
+    assert all(counts[i] == 1 for i in range(25) if i != 7), counts
+    # Each time after a longer backoff: 300 ms, 600 ms, then the 1000 ms cap (±20 % jitter).
+    times = [at for at, body in handed if body == 7]
+    waits = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert waits[0] >= 0.24 and waits[1] >= 0.48 and waits[2] >= 0.8, waits
     assert await uncommitted(kafka, source, ends) == {}
+
+
+async def test_the_other_partitions_flow_on_while_one_waits_for_its_refused_record(
+    kafka: Kafka,
+) -> None:
+    source = kafka.topic("source")
+    url = kafka.url() + "&partitions=4&retry_base_ms=1500&retry_max_ms=1500"
+    async with KafkaBroker(url) as admin:
+        await admin.ensure_queue(source)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        for partition in range(4):
+            for i in range(5):
+                await producer.send(source, f"{partition}-{i}".encode(), partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    stop = asyncio.Event()
+    handed: list[str] = []
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        handed.extend(p.body.decode() for p in batch)
+        rejections = [
+            Rejection(p.id, "the destination is full")
+            for p in batch
+            if p.body == b"0-1" and handed.count("0-1") == 1
+        ]
+        if len(set(handed)) == 20 and handed.count("0-1") == 2:
+            stop.set()
+        return rejections
+
+    await serve_until(url, source, handler, stop)
+    counts = Counter(handed)
+    assert counts["0-1"] == 2 and all(n == 1 for body, n in counts.items() if body != "0-1"), counts
+    # While partition 0 waited 1.5 s for its refused record, the others were all handled.
+    retried_at = len(handed) - 1 - handed[::-1].index("0-1")
+    others = [i for i, body in enumerate(handed) if not body.startswith("0-")]
+    assert max(others) < retried_at, handed
 
 
 async def test_a_member_joining_the_group_midway_loses_nothing(kafka: Kafka) -> None:

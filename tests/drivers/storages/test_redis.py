@@ -24,6 +24,7 @@ from payler.drivers.storages.redis_keys import KeySpace
 from payler.errors import StartupError, TransientError
 from payler.identity import content_digest
 from payler.payload import Payload
+from tests.conftest import RedisServers, fail_over, wait_for_role
 
 pytestmark = pytest.mark.redis
 
@@ -131,7 +132,8 @@ async def test_what_redis_holds(storage: RedisStorage, raw: Redis) -> None:
     assert await raw.zscore(keys.by_due("pending"), "a") is None
     assert await raw.zscore(keys.by_destination("dead", "x"), "a") == T0 + 5
     assert await storage.cancel("a")
-    assert [key async for key in raw.scan_iter(match=keys.match_all)] == []  # nothing left over
+    left = [key async for key in raw.scan_iter(match=keys.match_all)]
+    assert left == [keys.schema.encode()]  # nothing left over but the layout's version
 
 
 async def test_a_delivered_entry_leaves_only_its_id_and_digest(
@@ -205,7 +207,8 @@ async def test_the_prefix_isolates_two_spools(new_url: Callable[[], str], raw: R
         for storage in (one, two):
             keys = [key async for key in raw.scan_iter(match=storage.keys.match_all)]
             assert all(key.startswith(storage.keys.prefix.encode()) for key in keys)
-        assert [key async for key in raw.scan_iter(match=two.keys.match_all)] == []
+        left = [key async for key in raw.scan_iter(match=two.keys.match_all)]
+        assert left == [two.keys.schema.encode()]
 
 
 def test_the_url_names_the_prefix_and_the_scheme_the_backend() -> None:
@@ -335,6 +338,31 @@ async def test_a_lost_server_is_a_transient_error(new_url: Callable[[], str]) ->
             await storage.claim_due(T0, 10, LEASE)
         with pytest.raises(TransientError):
             await storage.count()
+
+
+async def test_a_server_demoted_to_a_replica_is_an_outage_and_nothing_is_lost(
+    redis_servers: RedisServers,
+) -> None:
+    primary = redis_servers.start()
+    replica = redis_servers.start(replica_of=primary)
+    await wait_for_role(replica, "slave")
+    async with RedisStorage(primary) as storage:
+        await storage.store([payload("before")])
+    # The primary hands over to its replica (no write lost), and is now a replica: every
+    # write is refused with READONLY, which is an outage to wait out, not a bug.
+    await fail_over(primary, replica)
+    async with RedisStorage(primary) as storage:
+        with pytest.raises(TransientError, match=r"Redis spool: .*read only replica"):
+            await storage.store([payload("during")])
+        with pytest.raises(TransientError, match=r"Redis spool: .*read only replica"):
+            await storage.claim_due(T0, 10, LEASE)
+        assert await storage.count() == 1  # reads still work
+    # Promoted back, it serves again, with everything it had.
+    await fail_over(replica, primary)
+    async with RedisStorage(primary) as storage:
+        await storage.store([payload("after")])
+        claimed = await storage.claim_due(T0, 10, LEASE)
+        assert sorted(c.payload.id for c in claimed) == ["after", "before"]
 
 
 async def test_an_index_entry_whose_record_is_gone_is_dropped_not_claimed(
