@@ -12,9 +12,12 @@ grace period. The admin commands exit 1 with one line on failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -28,6 +31,8 @@ from payler.runtime import Runtime
 log = logging.getLogger("payler")
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
+#: The signals that stop payler cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @click.group(
@@ -109,27 +114,72 @@ for _command in COMMANDS:
 
 
 async def _serve(runtime: Runtime) -> None:
+    """Run ``runtime`` until a signal stops it.
+
+    The first SIGINT/SIGTERM starts a clean stop; a second one during it cancels what is left
+    (stops at once). Every signal after the first, up to the exit, ends in status 0: once the
+    runtime is done, the signals are ignored — nothing is left to stop — and never handed back
+    to their default action, which would kill the process by the signal (status -15) while
+    asyncio closes its loop and Python shuts down.
+    """
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
+    run = asyncio.ensure_future(runtime.run(stop))
 
     def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second %s: stopping now", signal.Signals(signum).name)
-            if main_task is not None:
-                main_task.cancel()
-            return
-        log.info("%s received", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        await runtime.run(stop)
-    except asyncio.CancelledError:
+        name = signal.Signals(signum).name
         if not stop.is_set():
-            raise
+            log.info("%s received", name)
+            stop.set()
+        elif not run.done():
+            log.warning("second %s: stopping now", name)
+            run.cancel()  # the runtime's task, never ours: its cancellation is a clean stop
+
+    with _stop_signals(asyncio.get_running_loop(), on_signal):
+        await asyncio.wait([run])
+    if not run.cancelled():
+        run.result()  # a start-up or configuration error, raised for main() to report
     log.info("payler stopped")
+
+
+@contextlib.contextmanager
+def _stop_signals(
+    loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]
+) -> Iterator[None]:
+    """Call ``on_signal(signum)`` in ``loop`` for each SIGINT/SIGTERM; ignore them after.
+
+    Not ``loop.add_signal_handler``: asyncio hands a signal back to its default action when its
+    handler is removed or the loop closes, and that default kills the process. Here a signal goes
+    straight from handled to ignored. The same mechanism as asyncio's otherwise: the C-level
+    handler writes each signal's number to a socket the loop watches, whichever thread the signal
+    lands in, so the loop wakes up and the main thread runs the Python-level handler at once.
+    """
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    loop.add_reader(wake_r.fileno(), _drain, wake_r)
+    previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+
+    def handler(signum: int, frame: object) -> None:
+        loop.call_soon_threadsafe(on_signal, signum)
+
+    try:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
+        yield
+    finally:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.set_wakeup_fd(previous_fd)
+        loop.remove_reader(wake_r.fileno())
+        wake_r.close()
+        wake_w.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read what the wake-up socket holds (the numbers of signals already being handled)."""
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while sock.recv(4096):
+            pass
 
 
 def _fail(exc: BaseException) -> NoReturn:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Iterable, Sequence
 
 from payler.backoff import Backoff
+from payler.codec import safe_text
 from payler.drivers.base import Rejection
 from payler.drivers.brokers import broker_from_url
 from payler.drivers.brokers.base import DEFAULT_PUBLISH_TIMEOUT_S, Broker
@@ -32,7 +34,7 @@ from payler.identity import is_content_id, random_spool_id
 from payler.isolation import describe, isolate
 from payler.logs import shown_headers
 from payler.options import ForwardOptions, ProcessQueueOptions, WatchStorageOptions
-from payler.payload import Payload
+from payler.payload import MessageProperties, Payload
 from payler.scheduling import SchedulingRules, schedule
 from payler.scheduling import destination as route
 from payler.urls import mask_url
@@ -126,7 +128,9 @@ async def spool(
     incoming = sum(len(p.body) for p in scheduled)
     if scheduled and not await _admitted(storage, incoming, ctx):
         return [Rejection(p.id, "payler stopped while the spool was too full") for p in batch]
-    parts, unstorable = await isolate(storage.store_batch, scheduled, "the spool cannot store it")
+    parts, unstorable = await isolate(
+        storage.store_batch, scheduled, "the spool cannot store it", metrics=ctx.metrics
+    )
     invalid += unstorable
     stored = sum(parts, Stored())
     fault_point("after-store")
@@ -225,6 +229,7 @@ def _scheduled(
         return exc.reason
     except Exception as exc:  # a bug in payler, for this message alone
         ctx.log.exception("scheduling message %s failed (a bug in payler)", payload.id)
+        ctx.metrics.incr("bugs")
         return f"payler could not schedule it (a bug in payler): {describe(exc)}"
 
 
@@ -236,37 +241,90 @@ async def _dead_letter_or_park(
     ctx: WorkflowContext,
 ) -> list[Rejection]:
     """Dead-letter each message to ``queue``; park in the spool what ``queue`` refuses for
-    good even in its minimal form; return what it refused for now (to be retried)."""
+    good even in its minimal form; return what to hand back to the source for now.
+
+    Never raises for the dead-lettering: the rest of the batch is stored, and must be
+    acknowledged whatever happens here. A message whose dead letter failed (an outage, a bug) or
+    that could not even be parked goes back to the source, which hands it over again later.
+    """
     if not invalid:
         return []
     for payload, reason in invalid:
         ctx.log.warning(
             "dead-lettering message %s: %s%s", payload.id, reason, shown_headers(payload.headers)
         )
-    refused = await broker.dead_letter(invalid, queue)
+    try:
+        refused = await broker.dead_letter(invalid, queue)
+    except Exception as exc:
+        return _dead_lettering_failed(invalid, queue, exc, ctx)
     reasons = {p.id: reason for p, reason in invalid}
     by_id = {p.id: p for p, _ in invalid}
-    parking = [r for r in refused if r.permanent]
-    for rejection in parking:
+    refused = _known(refused, list(by_id.values()), "the dead-letter destination", ctx)
+    back = [r for r in refused if not r.permanent]
+    for rejection in (r for r in refused if r.permanent):
+        payload = by_id[rejection.payload_id]
+        try:
+            await _park(storage, payload, f"{reasons[payload.id]}; {rejection.reason}")
+        except Exception as exc:
+            ctx.log.error(
+                "message %s stays in the source: the dead-letter destination %r refused it "
+                "(%s) and the spool could not park it (%s)",
+                payload.id, queue, rejection.reason, describe(exc),
+                exc_info=None if is_transient(exc) else exc,
+            )  # fmt: skip
+            back.append(Rejection(payload.id, f"parking it failed: {describe(exc)}"))
+            continue
+        ctx.metrics.incr("parked")
         ctx.log.error(
             "dead letter %s is refused by %r (%s): parked in the spool as dead instead",
-            rejection.payload_id, queue, rejection.reason,
+            payload.id, queue, rejection.reason,
         )  # fmt: skip
-    for payload, reason in [(by_id[r.payload_id], f"{reasons[r.payload_id]}; {r.reason}")
-                            for r in parking]:  # fmt: skip
-        await _park(storage, payload, reason)
-    return [r for r in refused if not r.permanent]
+    return back
+
+
+def _dead_lettering_failed(
+    items: Sequence[tuple[Payload, str]], queue: str, exc: Exception, ctx: WorkflowContext
+) -> list[Rejection]:
+    """Log that dead-lettering ``items`` to ``queue`` failed as a whole; they are to be retried
+    (the outcome is unknown: they may arrive twice)."""
+    transient = is_transient(exc)
+    ctx.log.log(
+        logging.WARNING if transient else logging.ERROR,
+        "dead-lettering %d message(s) to %r failed (%s): they will be retried",
+        len(items), queue, describe(exc),
+        exc_info=None if transient else exc,
+    )  # fmt: skip
+    return [Rejection(p.id, f"dead-lettering failed: {describe(exc)}") for p, _ in items]
 
 
 async def _park(storage: SpoolStorage, payload: Payload, reason: str) -> None:
-    """Keep ``payload`` in the spool as dead; without its body and headers if the spool cannot
-    hold them (a message both the dead-letter destination and the spool refuse)."""
-    _, failed = await isolate(
-        lambda one: storage.park([(one[0], reason)]), [payload], "parking it failed"
-    )
-    if failed:
-        bare = payload.model_copy(update={"body": b"", "headers": {}})
-        dropped = f"{reason}; {failed[0][1]}: body of {len(payload.body)} bytes and headers dropped"
+    """Keep ``payload`` in the spool as dead. If the spool cannot hold it as it is (a message
+    both the dead-letter destination and the spool refuse), keep what identifies it: its ids,
+    source and the reason, without body, headers or other properties."""
+    reason = safe_text(reason)
+    try:
+        await storage.park([(payload, reason)])
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        props = payload.properties
+        bare = payload.model_copy(
+            update={
+                "id": safe_text(payload.id),
+                "body": b"",
+                "headers": {},
+                "properties": MessageProperties(
+                    message_id=props.message_id and safe_text(props.message_id),
+                    correlation_id=props.correlation_id and safe_text(props.correlation_id),
+                ),
+                "source": safe_text(payload.source),
+                "key": None,
+            }
+        )
+        dropped = (
+            f"{reason}; the spool refused it too ({describe(exc)}): its body of "
+            f"{len(payload.body)} bytes, headers and other properties are dropped"
+        )
         await storage.park([(bare, dropped)])
 
 
@@ -328,8 +386,12 @@ async def deliver(
     dead-lettering does, the payloads that were published are settled (deleted) all the same.
     """
     sending, give_up = _triage(batch, options, ctx.clock.now_ms())
-    published, broken = await isolate(broker.process, sending, "payler cannot publish it")
-    rejections = [r for part in published for r in part]
+    published, broken = await isolate(
+        broker.process, sending, "payler cannot publish it", metrics=ctx.metrics
+    )
+    rejections = _known(
+        [r for part in published for r in part], sending, "the destination broker", ctx
+    )
     fault_point("after-publish")
     give_up += broken
     by_id = {p.id: p for p in sending}
@@ -339,15 +401,21 @@ async def deliver(
         if rejection.permanent and not options.retry_unroutable:
             give_up.append((payload, rejection.reason))
         elif payload.attempts + 1 >= options.max_attempts:
-            give_up.append(
-                (payload, f"gave up after {payload.attempts + 1} attempts: {rejection.reason}")
-            )
+            give_up.append((payload, _gave_up(payload.attempts + 1, rejection.reason)))
         else:
             retry.append(Rejection(rejection.payload_id, rejection.reason))
     retry += await _dead_letter_due(give_up, broker, options, ctx)
     ctx.metrics.incr("delivered", len(sending) - len(rejections) - len(broken))
     ctx.metrics.incr("retried", sum(1 for r in retry if not r.permanent))
     return retry
+
+
+def _gave_up(attempts: int, last_error: str | None) -> str:
+    """Why a payload is given up after ``attempts`` failed deliveries (a reason already given
+    up for, whose dead letter failed, is kept as it was)."""
+    if last_error is not None and last_error.startswith("gave up after "):
+        return last_error
+    return f"gave up after {attempts} attempts: {last_error}"
 
 
 def _triage(
@@ -361,9 +429,7 @@ def _triage(
         if payload.defect is not None:
             give_up.append((payload, payload.defect))
         elif payload.attempts >= options.max_attempts:
-            give_up.append(
-                (payload, f"gave up after {payload.attempts} attempts: {payload.last_error}")
-            )
+            give_up.append((payload, _gave_up(payload.attempts, payload.last_error)))
         elif options.max_lateness_ms is not None and late_ms > options.max_lateness_ms:
             reason = (
                 f"missed its due time by {late_ms} ms (max_lateness_ms {options.max_lateness_ms})"
@@ -380,8 +446,16 @@ async def _dead_letter_due(
     options: WatchStorageOptions,
     ctx: WorkflowContext,
 ) -> list[Rejection]:
-    """Dead-letter spool entries; return what to retry (refused for now) and what to park as
-    dead in the spool (refused for good: permanent rejections)."""
+    """Dead-letter spool entries; return what to retry (refused for now, or the dead-lettering
+    failed) and what to park as dead in the spool (refused for good: permanent rejections).
+
+    Never raises: whatever the dead-lettering does, the payloads published before it must be
+    settled (deleted), not published again. A payload whose dead letter failed is retried (with
+    the spool's backoff) with the reason it was given up for, so that the next attempt gives it
+    up again for that reason, not for the failure of its dead letter (which is logged).
+    """
+    if not give_up:
+        return []
     for payload, reason in give_up:
         ctx.log.warning(
             "dead-lettering payload %s: %s%s", payload.id, reason, shown_headers(payload.headers)
@@ -389,25 +463,40 @@ async def _dead_letter_due(
     try:
         refused = await broker.dead_letter(give_up, options.dead_letter_queue)
     except Exception as exc:
-        if not is_transient(exc):
-            raise
-        # The outcome of these dead letters is unknown: retry them (they may arrive twice).
-        # The published payloads are settled all the same: they must not be published again.
-        refused = [Rejection(p.id, f"dead-lettering failed: {describe(exc)}") for p, _ in give_up]
+        # The outcome of these dead letters is unknown: retry them (they may arrive twice),
+        # with the reason they were given up for, which the next attempt dead-letters again.
+        _dead_lettering_failed(give_up, options.dead_letter_queue, exc, ctx)
+        return [Rejection(p.id, reason) for p, reason in give_up]
     reasons = {p.id: reason for p, reason in give_up}
     outcome = []
-    for rejection in refused:
+    for rejection in _known(refused, [p for p, _ in give_up], "the dead-letter destination", ctx):
         if rejection.permanent:
             ctx.log.error(
                 "payload %s: the dead-letter destination %r refused it (%s): parked in the "
                 "spool as dead",
                 rejection.payload_id, options.dead_letter_queue, rejection.reason,
             )  # fmt: skip
-            reason = f"{reasons[rejection.payload_id]}; {rejection.reason}"
+            ctx.metrics.incr("parked")
+            reason = safe_text(f"{reasons[rejection.payload_id]}; {rejection.reason}")
             outcome.append(Rejection(rejection.payload_id, reason, permanent=True))
         else:
             outcome.append(rejection)
     return outcome
+
+
+def _known(
+    rejections: Sequence[Rejection], batch: Sequence[Payload], who: str, ctx: WorkflowContext
+) -> list[Rejection]:
+    """The rejections that name a payload of ``batch`` (a driver that names another is a bug:
+    logged, and the rejection ignored rather than failing the whole batch)."""
+    ids = {p.id for p in batch}
+    known = [r for r in rejections if r.payload_id in ids]
+    if len(known) < len(rejections):
+        ctx.log.error(
+            "%s rejected payload ids it was not given (a bug in payler): %s",
+            who, sorted({r.payload_id for r in rejections} - ids)[:5],
+        )  # fmt: skip
+    return known
 
 
 async def forward(ctx: WorkflowContext) -> None:
@@ -469,17 +558,33 @@ async def relay(
         except InvalidSchedule as exc:
             give_up.append((payload, exc.reason))
             continue
+        except Exception as exc:  # a bug in payler, for this message alone
+            ctx.log.exception("routing message %s failed (a bug in payler)", payload.id)
+            ctx.metrics.incr("bugs")
+            reason = f"payler could not route it (a bug in payler): {describe(exc)}"
+            give_up.append((payload, reason))
+            continue
         routed.append(payload.model_copy(update={"destination": target}))
-    published, broken = await isolate(destination.process, routed, "payler cannot publish it")
-    rejections = [r for part in published for r in part]
+    published, broken = await isolate(
+        destination.process, routed, "payler cannot publish it", metrics=ctx.metrics
+    )
+    rejections = _known([r for part in published for r in part], routed, "the destination", ctx)
     give_up += broken
     by_id = {p.id: p for p in routed}
     give_up += [(by_id[r.payload_id], r.reason) for r in rejections if r.permanent]
+    ctx.metrics.incr("delivered", len(routed) - len(rejections) - len(broken))
+    # What the destination refused for now goes back to the source, to come again.
+    back = [r for r in rejections if not r.permanent]
+    if not give_up:
+        return back
     for payload, reason in give_up:
         ctx.log.warning(
             "dead-lettering message %s: %s%s", payload.id, reason, shown_headers(payload.headers)
         )
-    refused = await destination.dead_letter(give_up, dead_letter_queue)
+    try:
+        refused = await destination.dead_letter(give_up, dead_letter_queue)
+    except Exception as exc:  # the published ones are acknowledged all the same
+        return back + _dead_lettering_failed(give_up, dead_letter_queue, exc, ctx)
     for rejection in refused:
         if rejection.permanent:
             ctx.log.error(
@@ -487,8 +592,6 @@ async def relay(
                 "(%s)",
                 rejection.payload_id, dead_letter_queue, rejection.reason,
             )  # fmt: skip
-    ctx.metrics.incr("delivered", len(routed) - len(rejections) - len(broken))
-    # What the destination refused for now goes back to the source, to come again; so does
-    # what the dead-letter destination refused (without a spool, the source keeps it).
-    back = [r for r in rejections if not r.permanent]
+    # What the dead-letter destination refused goes back to the source too: without a spool,
+    # the source keeps it (and hands it over again after a backoff).
     return back + [Rejection(r.payload_id, r.reason) for r in refused]

@@ -98,15 +98,28 @@ def loads(text: str | bytes) -> Any:
     """Inverse of :func:`dumps`; ``ValueError`` on anything it did not make."""
     try:
         value = json.loads(text)
+        if isinstance(text, str):
+            _check_utf8(text)  # a lone surrogate in the text itself (bytes would not decode)
+        # One written as an escape (JSON's hex digits may be either case): the costly check
+        # runs only when such an escape is there.
+        marks = (b"\\ud", b"\\uD") if isinstance(text, bytes) else ("\\ud", "\\uD")
+        if any(mark in text for mark in marks):  # type: ignore[operator]
+            _check_utf8(json.dumps(value, ensure_ascii=False))
+        return from_jsonable(value)
     except RecursionError:
         raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 text: {exc.reason}") from None
-    # A lone surrogate can only come from an escape: the costly check runs only when one is there.
-    escaped = b"\\ud" in text.lower() if isinstance(text, bytes) else "\\ud" in text.lower()
-    if escaped:
-        _check_utf8(json.dumps(value, ensure_ascii=False))
-    return from_jsonable(value)
+
+
+def safe_text(text: str) -> str:
+    """``text`` with any lone surrogate written as its escape (``\\ud83d``): text that every
+    storage and broker can hold, for what payler writes itself (reasons, ids in dead letters)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _check_utf8(text: str) -> None:

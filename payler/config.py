@@ -11,6 +11,7 @@ The file is the original Payler's format, extended::
     shutdown_grace_seconds: 10          # optional
     stats_interval_seconds: 60          # optional
     http: {host: 127.0.0.1, port: 8000} # optional: metrics, probes, admin API (payler.http)
+    startup_timeout_seconds: 60         # optional
 
 Every string may use ``${VAR}`` (the variable must be set) and ``${VAR:-default}`` (the default
 when it is unset or empty); ``$${`` writes a literal ``${``. Errors name the file, the key and
@@ -60,6 +61,8 @@ class PaylerConfig(BaseModel):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     stats_interval_seconds: float = Field(default=60.0, gt=0)
     http: HttpConfig | None = None
+    #: How long every workflow has to call ``ctx.ready()``; past it, payler exits (status 2).
+    startup_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,16 @@ MetricName = Literal[
     "spooled",  # payloads newly written to the spool (duplicates not counted)
     "duplicates",  # payloads already in the spool (a redelivered source message)
     "dead_lettered",  # messages sent to the dead-letter destination, with a reason
+    # messages the dead-letter destination refused even as a minimal copy, kept in the spool as
+    # dead instead (``state: dead``; logged as errors): look at them, and at that destination
+    "parked",
+    # messages that payler's own code (or a driver's) raised for alone, dead-lettered with the
+    # error (as a minimal copy, or parked, when it was their dead letter that raised): a bug to
+    # report; each is logged with its traceback
+    "bugs",
     "delivered",  # payloads confirmed by the destination broker
     "retried",  # deliveries that failed transiently and were rescheduled
-    "restarts",  # times the workflow was restarted after a transient error
+    "restarts",  # times the workflow was restarted after it failed (an outage, or a bug)
     # source messages removed by someone else before payler could handle them: entries of a
     # Redis stream trimmed away before the group read them, or deleted while pending
     "lost",
@@ -43,6 +50,16 @@ _BUCKETS: dict[str, tuple[float, ...]] = {
     "store_batch_seconds": DURATION_BUCKETS,
     "publish_batch_seconds": DURATION_BUCKETS,
 }
+
+
+def lateness_ms(now_ms: int, due_ms: int, received_ms: int) -> int:
+    """How late a payload is at ``now_ms``: counted from its due time, or from when payler
+    received it if that came later. A message due before it even arrived (an ``x-deliver-at``
+    in the past, a backlog at the source) is late only by the time payler held it: its
+    lateness says how payler did, not how old the message is.
+    """
+    return now_ms - max(due_ms, received_ms)
+
 
 #: Lateness samples kept per interval; beyond it, a uniform-enough subsample is kept.
 _MAX_SAMPLES = 10_000

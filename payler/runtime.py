@@ -1,14 +1,19 @@
 """Run every workflow of a configuration on one event loop, and stop them cleanly.
 
 - All workflows run in one :class:`asyncio.TaskGroup`.
-- Start-up: each workflow calls ``ctx.ready()`` once connected. If one fails before, the runtime
-  stops the others and raises :class:`~payler.errors.StartupError` (the CLI exits 2).
+- Start-up: each workflow calls ``ctx.ready()`` once connected. If one fails before, or has not
+  called it within ``startup_timeout_seconds`` (stuck connecting, or a workflow that never calls
+  it), the runtime stops the others and raises :class:`~payler.errors.StartupError` naming it
+  (the CLI exits 2). That limit is real time (the event loop's), whatever the runtime's clock: it
+  watches progress, it does not schedule anything.
 - Running: a workflow that fails once it has started is restarted after a backoff (0.5 s,
-  doubling, at most :data:`RESTART_BACKOFF`'s cap, with jitter; back to the start once the workflow
-  ran well for :data:`HEALTHY_RUN_MS`). A transient error (a lost connection) is logged in one
-  line; anything else is logged with its traceback, as the bug it is — but it never stops the
-  other workflows: only a start-up failure or a configuration error ends the daemon. (One bad
-  message cannot make a workflow fail: the workflows dead-letter it alone.)
+  doubling, at most :data:`RESTART_BACKOFF`'s cap of 5 s, with ±20 % jitter; back to the start
+  once the workflow ran well for :data:`HEALTHY_RUN_MS`). The cap bounds how long a workflow
+  waits once its broker is back: one backoff (at most 6 s), then its reconnection. A transient
+  error (a lost connection) is logged in one line; anything else is logged with its traceback,
+  as the bug it is — but it never stops the other workflows: only a start-up failure or a
+  configuration error ends the daemon. (One bad message does not make a workflow fail: the
+  workflows dead-letter it alone; see :mod:`payler.isolation`.)
 - Stopping: :meth:`Runtime.run`'s ``stop`` event (set by the CLI on SIGINT/SIGTERM) is passed to
   every workflow; they finish their work in hand and return. Whatever is still running after
   ``shutdown_grace_seconds`` is cancelled: safe, since nothing is acknowledged before it is stored.
@@ -88,7 +93,9 @@ class Runtime:
             ]
             helpers = [
                 group.create_task(self._report(settings.stats_interval_seconds, stopping)),
-                group.create_task(self._announce_start(len(tasks))),
+                group.create_task(
+                    self._announce_start(settings.startup_timeout_seconds, fatal, stopping)
+                ),
                 group.create_task(_relay(stop, stopping)),
             ]
             await stopping.wait()
@@ -119,10 +126,25 @@ class Runtime:
 
         return serving(self, self.loaded, self.loaded.http, stopping)
 
-    async def _announce_start(self, count: int) -> None:
-        await asyncio.gather(*(ctx.started.wait() for ctx in self.contexts))
+    async def _announce_start(
+        self, timeout_s: float, fatal: list[BaseException], stopping: asyncio.Event
+    ) -> None:
+        """Say when every workflow is ready; end the start-up as failed past ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(ctx.started.wait() for ctx in self.contexts))
+        except TimeoutError:
+            late = ", ".join(repr(c.name) for c in self.contexts if not c.started.is_set())
+            fatal.append(
+                StartupError(
+                    f"workflow {late} did not start within {timeout_s:g} s "
+                    "(startup_timeout_seconds): still connecting, or it never calls ctx.ready()"
+                )
+            )
+            stopping.set()
+            return
         self.started.set()
-        log.info("payler is running %d workflow(s)", count)
+        log.info("payler is running %d workflow(s)", len(self.contexts))
 
     async def _supervise(
         self,

@@ -13,8 +13,9 @@ configuration, with this signature::
 - ``ctx.stop``: set on SIGINT/SIGTERM. Stop taking new work, finish what is in hand, return.
   A workflow still running after the grace period is cancelled.
 - ``ctx.ready()``: call it once the workflow's connections are up. An error *before* it is a
-  start-up failure (the daemon exits with status 2); an error *after* it is retried: the runtime
-  restarts the workflow with backoff when the error is transient (a lost connection).
+  start-up failure (the daemon exits with status 2), and so is not calling it within
+  ``startup_timeout_seconds``; an error *after* it is retried: the runtime restarts the workflow
+  with backoff (logged in one line for a lost connection, with a traceback for anything else).
 - ``ctx.clock``, ``ctx.metrics``, ``ctx.log``: time, counters (summarised periodically in the log,
   exported on ``/metrics``), and a logger named after the workflow.
 - ``ctx.state``: ``starting`` until ``ready()``, ``ready`` while it runs, ``restarting`` from a

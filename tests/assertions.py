@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -22,5 +23,7 @@ def assert_same(got: Any, expected: Any, path: str = "value") -> None:
         assert (got, got.utcoffset()) == (expected, expected.utcoffset()), path
     elif isinstance(expected, Decimal):
         assert str(got) == str(expected), path
+    elif isinstance(expected, float) and math.isnan(expected):
+        assert math.isnan(got), path  # NaN is the same value, though never equal to itself
     else:
         assert got == expected, path

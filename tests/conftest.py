@@ -21,6 +21,25 @@ import pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+# -- Options: the size of the fault suite (tests/faults/) -----------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("payler fault suite")
+    group.addoption(
+        "--full-faults",
+        action="store_true",
+        help="run tests/faults at full size (20 kill -9 cycles, 20 s outages, 10,000+ fuzzed "
+        "messages) instead of the bounded size CI runs",
+    )
+    group.addoption(
+        "--faults-table",
+        metavar="PATH",
+        default=None,
+        help="append each fault scenario's row to PATH (JSON lines; benchmarks/soak.py reads it)",
+    )
+
+
 # -- MongoDB: a SecantusDB server (MongoDB-compatible, in Python) ---------------------------------
 
 #: How long SecantusDB may take to accept connections (it starts in about a second).

@@ -98,3 +98,37 @@ async def gated(ctx: WorkflowContext) -> None:
         await gates["fail"].wait()
         raise TransientError("lost the broker at amqp://payler:s3cret@broker/ (a test)")
     await ctx.stop.wait()
+
+
+async def never_ready(ctx: WorkflowContext) -> None:
+    """Connects for ever (never calls ``ctx.ready()``), but stops when asked."""
+    await ctx.stop.wait()
+    calls["never_ready stopped"] = True
+
+
+#: ``outage``'s broker is down over each ``[from, until)`` of these (on the runtime's clock).
+outages: list[tuple[int, int]] = []
+#: ``outage`` appends ``("run", ms)`` when it connects, ``("fail", ms)`` when it fails.
+outage_log: list[tuple[str, int]] = []
+#: Set when ``outage`` has connected this many times.
+connected_runs = 3
+all_runs = asyncio.Event()
+
+
+async def outage(ctx: WorkflowContext) -> None:
+    """A workflow whose broker goes away during each of :data:`outages`: it runs until the next
+    one starts, loses its connection, and cannot connect until that outage is over."""
+    now = ctx.clock.now_ms()
+    if any(start <= now < end for start, end in outages):
+        outage_log.append(("fail", now))
+        raise ConnectionRefusedError("connection refused by 127.0.0.1:5672")
+    ctx.ready()
+    outage_log.append(("run", now))
+    if sum(1 for kind, _ in outage_log if kind == "run") == connected_runs:
+        all_runs.set()
+        await ctx.stop.wait()
+        return
+    next_start = min(start for start, _ in outages if start > now)
+    await ctx.clock.sleep((next_start - now) / 1000)
+    outage_log.append(("fail", ctx.clock.now_ms()))
+    raise TransientError("connection lost")

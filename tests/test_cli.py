@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.integration.conftest import Payler
+
+#: The repository: where ``tests.runtime_workflows`` can be imported from (``python -m payler``
+#: puts the working directory first on sys.path).
+ROOT = Path(__file__).resolve().parent.parent
 
 ORIGINAL_PAYLER_CONFIG = """\
 ---
@@ -115,3 +122,81 @@ def test_unknown_storage_scheme_exits_2(tmp_path: Path) -> None:
 def test_version() -> None:
     result = payler("--version")
     assert result.returncode == 0 and "payler" in result.stdout
+
+
+def in_memory_config(tmp_path: Path, extra: str = "") -> Path:
+    """Ingest and delivery on the in-memory drivers: payler as users run it, without services."""
+    path = tmp_path / "configuration.yaml"
+    path.write_text(
+        f"""
+workflows:
+  - callable: client.process_queue
+    options: {{broker_url: "memory://cli", storage_url: "memory://cli"}}
+  - callable: client.watch_storage
+    options: {{broker_url: "memory://cli", storage_url: "memory://cli"}}
+{extra}"""
+    )
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_every_signal_during_a_stop_ends_with_status_0(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # A stream of signals until payler exits: some land as its loop closes and Python shuts
+    # down, where a signal used to kill the process (status -15) after a clean stop.
+    for _ in range(3):
+        payler = await (await Payler.start(in_memory_config(tmp_path), {}, ROOT)).running()
+        # Through a pidfd: Process.send_signal would poll (reap) the child under asyncio's own
+        # child watcher, which then reports a made-up status 255.
+        pidfd = os.pidfd_open(payler.process.pid)
+        try:
+            while payler.process.returncode is None:
+                try:
+                    signal.pidfd_send_signal(pidfd, sig)
+                except ProcessLookupError:  # it exited
+                    break
+                await asyncio.sleep(0.001)  # pacing the signals, not waiting for anything
+        finally:
+            os.close(pidfd)
+        assert await payler.wait() == 0, payler.log
+        assert "Traceback" not in payler.log, payler.log
+        assert "payler stopped" in payler.log
+
+
+def test_a_workflow_that_never_gets_ready_exits_2_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "configuration.yaml"
+    config.write_text(
+        """
+workflows:
+  - callable: client.process_queue
+    options: {broker_url: "memory://cli", storage_url: "memory://cli"}
+  - name: stuck connecting
+    location: tests.runtime_workflows
+    callable: never_ready
+startup_timeout_seconds: 0.5
+"""
+    )
+    started = time.monotonic()
+    result = payler("--config-file", str(config), cwd=ROOT)
+    assert_clean_error(result, "'stuck connecting' did not start within 0.5 s")
+    assert time.monotonic() - started < 20
+
+
+async def test_a_bug_after_start_restarts_that_workflow_and_sigterm_still_exits_0(
+    tmp_path: Path,
+) -> None:
+    config = in_memory_config(
+        tmp_path,
+        extra="""  - name: buggy
+    location: tests.runtime_workflows
+    callable: buggy
+""",
+    )
+    payler = await (await Payler.start(config, {}, ROOT)).running()
+    await payler.wait_for_line("restarting in")
+    await payler.wait_for_line("payler is running")
+    assert await payler.stop() == 0, payler.log
+    assert "Traceback" in payler.log and "ZeroDivisionError: a bug" in payler.log
+    failures = [line for line in payler.log.splitlines() if "failed (" in line]
+    assert failures and all("'buggy'" in line for line in failures)  # the others untouched

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from payler import codec
-from payler.payload import MessageProperties, Payload
+from payler.payload import STORED_META, MessageProperties, Payload
 from tests.assertions import assert_same
 
 
@@ -189,3 +192,131 @@ def test_from_stored_with_empty_meta_gives_the_defaults() -> None:
     assert again.headers == {}
     assert again.properties == MessageProperties()
     assert again.source == ""
+
+
+# -- strict: what the codec refuses, always with a ValueError ---------------------------------
+
+
+def deep(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"n": [value]}
+    return value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"x": "\\ud83d"}',  # what JSON.stringify writes for a string cut inside an emoji
+        '{"x": "\\uD83D"}',  # the same, upper-case hex digits
+        '{"x": "ok \\udc80 then"}',  # a lone low surrogate
+        '["\\ude00\\ud83d"]',  # a pair in the wrong order
+        '{"x": "raw \udc80"}',  # a lone surrogate in the text itself, not escaped
+    ],
+)
+def test_loads_refuses_lone_surrogates(text: str) -> None:
+    with pytest.raises(ValueError, match="lone UTF-16 surrogate"):
+        codec.loads(text)
+
+
+def test_loads_accepts_escaped_surrogate_pairs() -> None:
+    assert codec.loads('{"x": "\\ud83d\\ude00"}') == {"x": "\U0001f600"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"__table__": 1}',
+        '{"h": {"__table__": [1]}}',
+        '{"__datetime__": 5}',
+        '{"__bytes__": 5}',
+        '{"__bytes__": "not base64!"}',
+        '{"__decimal__": "one"}',
+        '{"__decimal__": null}',
+        '{"__datetime__": "yesterday"}',
+        "[" * 5000 + "]" * 5000,  # RecursionError in the JSON parser
+        json.dumps(deep(65)),  # deeper than MAX_DEPTH
+        b"\xff\xfe not utf-8",
+        "not json",
+    ],
+    ids=lambda t: repr(t)[:40],
+)
+def test_loads_raises_value_error_on_what_it_did_not_make(text: str | bytes) -> None:
+    # Any ValueError, and never another exception: callers count on its type.
+    with pytest.raises(ValueError):  # noqa: PT011 - the type is the contract, not the message
+        codec.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"x": "cut \ud83d"}, "lone UTF-16 surrogate"),
+        (["\udc80"], "lone UTF-16 surrogate"),
+        (deep(40), "nested more than 64 levels deep"),
+    ],
+)
+def test_dumps_refuses_what_no_storage_can_hold(value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        codec.dumps(value)
+
+
+def test_nesting_up_to_the_limit_round_trips() -> None:
+    assert codec.loads(codec.dumps(deep(30))) == deep(30)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["__table__", "__bytes__", "__datetime__", "__decimal__", "k"])
+            | st.text(max_size=5),
+            inner,
+            max_size=2,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(json_values)
+def test_loads_of_any_json_returns_or_raises_value_error(value: Any) -> None:
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False)):
+        with contextlib.suppress(ValueError):
+            codec.loads(text)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.binary(max_size=60) | st.text(max_size=60))
+def test_loads_of_any_text_returns_or_raises_value_error(text: str | bytes) -> None:
+    with contextlib.suppress(ValueError):
+        codec.loads(text)
+
+
+# -- a stored entry whose metadata cannot be read ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '{"headers": {"__table__": 1}}',
+        '{"headers": {"a": "\\ud83d"}}',
+        '{"properties": {"priority": "high"}}',
+        '{"properties": ["not", "a", "table"]}',
+        '{"key": 5}',
+        "null",
+        "[]",
+        "{not json",
+        json.dumps({"headers": deep(80)}),
+    ],
+)
+def test_from_stored_never_raises_for_its_metadata(meta: str) -> None:
+    payload = Payload.from_stored(
+        id="p", body=b"raw", meta_json=meta, destination="out", due_ms=1, created_ms=0,
+        attempts=2, last_error=None,
+    )  # fmt: skip
+    assert payload.defect is not None
+    assert payload.defect.startswith("the spool entry's metadata cannot be read")
+    assert (payload.id, payload.body, payload.attempts) == ("p", b"raw", 2)  # the columns kept
+    assert payload.headers == {STORED_META: meta.encode()}  # for the dead letter to show

@@ -100,6 +100,7 @@ def test_the_original_payler_file_loads_with_defaults(tmp_path: Path) -> None:
 
     assert loaded.config.shutdown_grace_seconds == 10
     assert loaded.config.stats_interval_seconds == 60
+    assert loaded.config.startup_timeout_seconds == 60
 
 
 def test_a_workflow_without_a_name_is_named_by_its_callable(tmp_path: Path) -> None:
@@ -109,9 +110,11 @@ def test_a_workflow_without_a_name_is_named_by_its_callable(tmp_path: Path) -> N
 
 def test_top_level_settings_are_read(tmp_path: Path) -> None:
     text = ORIGINAL + "shutdown_grace_seconds: 2.5\nstats_interval_seconds: 5\n"
+    text += "startup_timeout_seconds: 120\n"
     loaded = config.load(write(tmp_path, text), environ={})
     assert loaded.config.shutdown_grace_seconds == 2.5
     assert loaded.config.stats_interval_seconds == 5
+    assert loaded.config.startup_timeout_seconds == 120
 
 
 @pytest.mark.parametrize(
@@ -332,9 +335,10 @@ def test_option_bounds(tmp_path: Path, option: str, expected: str) -> None:
     assert expected in message
 
 
-def test_wrong_top_level_value(tmp_path: Path) -> None:
-    message = config_error(write(tmp_path, ORIGINAL + "stats_interval_seconds: 0\n"))
-    assert "stats_interval_seconds: " in message
+@pytest.mark.parametrize("key", ["stats_interval_seconds", "startup_timeout_seconds"])
+def test_wrong_top_level_value(tmp_path: Path, key: str) -> None:
+    message = config_error(write(tmp_path, ORIGINAL + f"{key}: 0\n"))
+    assert f"{key}: " in message
     assert "greater than 0" in message
 
 

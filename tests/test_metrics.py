@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Sequence
 
 import pytest
 
-from payler.metrics import Lateness, Metrics, Summary
+from payler import client
+from payler.drivers.base import Rejection
+from payler.metrics import Lateness, Metrics, Summary, lateness_ms
+from payler.options import ProcessQueueOptions
+from payler.payload import Payload
+from payler.testing import FakeClock, MemoryBroker, MemoryStorage, make_payload, reset
+from payler.workflow import WorkflowContext
 
 
 def test_counts_per_interval_and_totals() -> None:
@@ -105,3 +113,41 @@ def test_max_is_the_true_maximum_beyond_the_reservoir() -> None:
     lateness = metrics.take().lateness
     assert lateness is not None
     assert lateness.max == 999_999
+
+
+def test_lateness_counts_from_the_due_time_or_the_receipt_if_later() -> None:
+    assert lateness_ms(now_ms=1_000, due_ms=900, received_ms=500) == 100
+    assert lateness_ms(now_ms=1_000, due_ms=-62_135_596_800_000, received_ms=980) == 20
+    assert lateness_ms(now_ms=1_000, due_ms=1_005, received_ms=0) == -5  # early: counted as 0
+
+
+async def test_a_message_due_before_it_arrived_does_not_wreck_the_percentiles() -> None:
+    """One ``x-deliver-at`` of year 1 made p99 = 63,931,680,146,261 ms: it counts from receipt."""
+    start_ms = 1_700_000_000_000
+    clock = FakeClock(start_ms)
+    reset()
+    async with (
+        MemoryBroker("memory://late", queue="payler-jobs", clock=clock) as broker,
+        MemoryStorage("memory://late", clock=clock) as storage,
+    ):
+        for queue in ("payler-out", "payler-dead-letter"):
+            await broker.ensure_queue(queue)
+        options = ProcessQueueOptions(broker_url="memory://late", storage_url="memory://late")
+        ctx = WorkflowContext("ingest", clock=clock)
+        at = [
+            {"x-deliver-at": "0001-01-01T00:00:00+00:00"},  # long before it arrived
+            {"x-deliver-at": str(start_ms - 3_600_000)},  # an hour before
+            {"x-delay": 0},
+        ]
+        batch = [make_payload(headers=h).model_copy(update={"created_ms": start_ms}) for h in at]
+        assert await client.spool(batch, storage, broker, options, ctx) == []
+        clock.advance(30)  # claimed 30 ms after it arrived
+        stop = asyncio.Event()
+
+        async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+            stop.set()
+            return []
+
+        await asyncio.wait_for(storage.serve(handler, stop), 5)
+    reset()
+    assert storage.metrics.take().lateness == Lateness(3, 30, 30, 30, 30)

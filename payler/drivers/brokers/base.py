@@ -31,7 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from payler.clock import Clock, SystemClock
+from payler.codec import safe_text
 from payler.drivers.base import BaseDriver, Handler, Rejection
+from payler.errors import is_transient
+from payler.isolation import describe, isolate
 from payler.metrics import Metrics
 from payler.payload import MessageProperties, Payload
 from payler.reasons import reason_class
@@ -134,18 +137,20 @@ class Broker(BaseDriver):
 
         The copy has the body, properties and headers (scheduling headers included) plus
         :data:`DEAD_LETTER_REASON`, :data:`DEAD_LETTER_SOURCE` and :data:`DEAD_LETTERED_AT`. A
-        copy refused for good is replaced by a minimal one (see the module docstring).
+        copy refused for good is replaced by a minimal one (see the module docstring); so is
+        one that the driver raised for alone (a bug: see :func:`~payler.isolation.isolate`).
 
         Returns the payloads that are *not* dead-lettered: ``permanent`` when even the minimal
         copy was refused (the caller must keep the message some other way: park it in the
         spool), else refused for now (retry later, with backoff). Raises
-        :class:`~payler.errors.TransientError` only when the outcome is unknown (connection
-        lost): then the caller must not settle the originals.
+        :class:`~payler.errors.TransientError` only when the outcome of the whole call is
+        unknown (connection lost before anything was confirmed): then the caller must not
+        settle the originals. Payload ids must be unique within one call.
         """
         if not items:
             return []
         now_ms = self.clock.now_ms()
-        reasons = {p.id: reason[:MAX_REASON_CHARS] for p, reason in items}
+        reasons = {p.id: safe_text(reason)[:MAX_REASON_CHARS] for p, reason in items}
         copies = [
             (
                 p.model_copy(update={"destination": queue}),
@@ -153,31 +158,54 @@ class Broker(BaseDriver):
             )
             for p, _ in items
         ]
-        refused = {r.payload_id: r for r in await self._publish(copies, dead_letters=True)}
-        if any(r.permanent for r in refused.values()):
+        refused = {r.payload_id: r for r in await self._publish_dead_letters(copies)}
+        too_big = [p for p, _ in items if p.id in refused and refused[p.id].permanent]
+        if too_big:
             minimal = [
                 minimal_dead_letter(p, reasons[p.id], refused[p.id].reason, now_ms, queue)
-                for p, _ in items
-                if p.id in refused and refused[p.id].permanent
+                for p in too_big
             ]
-            again = {r.payload_id: r for r in await self._publish(minimal, dead_letters=True)}
-            for payload_id in [i for i, r in refused.items() if r.permanent]:
-                if payload_id in again:
-                    first = refused[payload_id].reason
-                    refused[payload_id] = Rejection(
-                        payload_id,
+            try:
+                again = {r.payload_id: r for r in await self._publish_dead_letters(minimal)}
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # The full copies of the others are confirmed: only these are in doubt.
+                reason = f"dead-lettering a minimal copy failed: {describe(exc)}"
+                again = {p.id: Rejection(p.id, reason) for p in too_big}
+            for payload in too_big:
+                if payload.id in again:
+                    first = refused[payload.id].reason
+                    refused[payload.id] = Rejection(
+                        payload.id,
                         f"the dead-letter destination {queue!r} refused the message "
-                        f"({first}) and a minimal copy of it ({again[payload_id].reason})",
-                        again[payload_id].permanent,
+                        f"({first}) and a minimal copy of it ({again[payload.id].reason})",
+                        again[payload.id].permanent,
                     )
                 else:
-                    del refused[payload_id]
+                    del refused[payload.id]
         self.metrics.incr(
             "dead_lettered",
             len(items) - len(refused),
             reasons=[reason_class(reasons[p.id]) for p, _ in items if p.id not in refused],
         )
         return list(refused.values())
+
+    async def _publish_dead_letters(
+        self, copies: Sequence[tuple[Payload, Mapping[str, Any]]]
+    ) -> list[Rejection]:
+        """:meth:`_publish` the copies; one the driver raises for alone is refused for good."""
+        published, broken = await isolate(
+            lambda part: self._publish(part, dead_letters=True),
+            copies,
+            "payler cannot dead-letter it",
+            metrics=self.metrics,
+            # Never "broken as a whole": a copy refused here gets a minimal copy, else is parked
+            # in the spool. That is always safe, a restart loop is not.
+            step_can_break=False,
+        )
+        rejections = [r for part in published for r in part]
+        return rejections + [Rejection(c[0].id, reason, permanent=True) for c, reason in broken]
 
     @abstractmethod
     async def _publish(
@@ -236,11 +264,11 @@ def minimal_dead_letter(
         }
     )
     headers: dict[str, object] = {
-        DEAD_LETTER_REASON: reason[:MAX_REASON_CHARS],
-        DEAD_LETTER_SOURCE: payload.source[:255],
+        DEAD_LETTER_REASON: safe_text(reason[:MAX_REASON_CHARS]),
+        DEAD_LETTER_SOURCE: safe_text(payload.source[:255]),
         DEAD_LETTERED_AT: now_ms,
-        DEAD_LETTER_ID: payload.id[:512],
-        DEAD_LETTER_TRUNCATED: dropped,
+        DEAD_LETTER_ID: safe_text(payload.id[:512]),
+        DEAD_LETTER_TRUNCATED: safe_text(dropped),
     }
     if payload.destination:
         headers[DEAD_LETTER_DESTINATION] = payload.destination[:255]
@@ -248,5 +276,7 @@ def minimal_dead_letter(
 
 
 def _short(value: str | None) -> str | None:
-    """A property value that fits an AMQP short string (255 bytes), else none."""
-    return value if value is not None and len(value.encode("utf-8", "replace")) <= 255 else None
+    """A property value that fits an AMQP short string (255 bytes) as text, else none."""
+    if value is None or safe_text(value) != value or len(value.encode("utf-8")) > 255:
+        return None
+    return value

@@ -3,17 +3,21 @@
 ``memory://NAME`` is a set of named queues shared by every driver of this process that names the
 same broker. It keeps RabbitMQ's rules where they matter to payler: publishing to a queue that does
 not exist is a permanent rejection (unroutable), a served batch is acknowledged only after the
-handler returned, and what the handler rejected transiently (or everything, when it raised) goes
-back to the head of the queue.
+handler returned, and what the handler raised for goes back to the head of the queue. What the
+handler rejected for now goes back too, after a backoff (:data:`HAND_BACK_BACKOFF`, growing per
+message): never at once, which would be a retry storm. Meanwhile the rest of the queue flows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from payler.backoff import Attempts, Backoff
 from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import Broker
 from payler.payload import Payload
@@ -28,6 +32,9 @@ class _Queues:
 
 
 _brokers: dict[str, _Queues] = {}
+
+#: How long a message the handler rejected for now is held before it is handed over again.
+HAND_BACK_BACKOFF = Backoff(base_s=0.5, max_s=30.0)
 
 
 class MemoryBroker(Broker):
@@ -80,32 +87,62 @@ class MemoryBroker(Broker):
             raise ValueError("this broker was opened without a queue to serve")
         await self.ensure_queue(self.queue)
         pending = self._queues.messages[self.queue]
-        while not stop.is_set():
-            if not pending:
-                self._queues.changed.clear()
-                waiters = [
-                    asyncio.ensure_future(self._queues.changed.wait()),
-                    asyncio.ensure_future(stop.wait()),
+        # Handed back for now: (when to hand it over again, tie-breaker, payload).
+        held: list[tuple[int, int, Payload]] = []
+        order = itertools.count()
+        attempts = Attempts()
+        try:
+            while not stop.is_set():
+                now_ms = self.clock.now_ms()
+                while held and held[0][0] <= now_ms:
+                    pending.append(heapq.heappop(held)[2])
+                if not pending:
+                    wake_s = (held[0][0] - now_ms) / 1000 if held else None
+                    await self._wait(stop, wake_s)
+                    continue
+                batch = [
+                    pending.popleft().model_copy(
+                        update={
+                            "source": self.queue,
+                            "destination": "",
+                            "due_ms": now_ms,
+                            "created_ms": now_ms,
+                        }
+                    )
+                    for _ in range(min(self.batch_size, len(pending)))
                 ]
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in waiters:
-                    waiter.cancel()
-                continue
-            now_ms = self.clock.now_ms()
-            batch = [
-                pending.popleft().model_copy(
-                    update={"source": self.queue, "destination": "", "due_ms": now_ms}
-                )
-                for _ in range(min(self.batch_size, len(pending)))
-            ]
-            self.metrics.incr("received", len(batch))
-            try:
-                rejections = {r.payload_id: r for r in await handler(batch)}
-            except BaseException:
-                pending.extendleft(reversed(batch))
-                raise
-            requeue = [p for p in batch if p.id in rejections and not rejections[p.id].permanent]
-            pending.extendleft(reversed(requeue))
+                self.metrics.incr("received", len(batch))
+                try:
+                    rejections = {r.payload_id: r for r in await handler(batch)}
+                except BaseException:
+                    pending.extendleft(reversed(batch))
+                    raise
+                for payload in batch:
+                    rejection = rejections.get(payload.id)
+                    if rejection is None or rejection.permanent:
+                        attempts.succeeded(payload.id)
+                        continue
+                    delay_s = HAND_BACK_BACKOFF.delay_s(attempts.failed(payload.id))
+                    again_ms = self.clock.now_ms() + round(delay_s * 1000)
+                    heapq.heappush(held, (again_ms, next(order), payload))
+        finally:
+            # Held messages were never acknowledged: they are the queue's again.
+            pending.extendleft(reversed([p for _, _, p in sorted(held)]))
+
+    async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
+        """Until a message is published, ``stop`` is set, or ``timeout_s`` (on the clock)."""
+        self._queues.changed.clear()
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self._queues.changed.wait()),
+            asyncio.ensure_future(stop.wait()),
+        ]
+        if timeout_s is not None:
+            waiters.append(asyncio.ensure_future(self.clock.sleep(timeout_s)))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def peek(self, queue: str, limit: int) -> list[Payload]:
         return [p.model_copy(update={"source": queue}) for p in self.messages(queue)[:limit]]

@@ -69,7 +69,7 @@ from payler.drivers.base import BaseDriver, Handler, Rejection
 from payler.drivers.storages.dedupe import Stored
 from payler.errors import ConfigError
 from payler.identity import content_digest
-from payler.metrics import Metrics
+from payler.metrics import Metrics, lateness_ms
 from payler.payload import Payload
 
 log = logging.getLogger("payler.storage")
@@ -352,7 +352,9 @@ class SpoolStorage(BaseDriver):
                 now_ms = self.clock.now_ms()
                 claims = await self.claim_due(now_ms, settings.batch_size, settings.lease_ms)
                 if claims:
-                    self.metrics.observe_lateness([now_ms - c.payload.due_ms for c in claims])
+                    self.metrics.observe_lateness(
+                        lateness_ms(now_ms, c.payload.due_ms, c.payload.created_ms) for c in claims
+                    )
                     await self._hand_over(handler, claims, settings)
                     continue
                 await self._wait_for_due(watcher, stop, settings)
