@@ -341,8 +341,10 @@ async def watch_storage(ctx: WorkflowContext) -> None:
         options.broker_url,
         exchange=options.exchange,
         # A publish still in the air when the lease ends could be delivered twice (another
-        # instance re-claims the entry): the publish gives up well before.
-        publish_timeout_s=min(DEFAULT_PUBLISH_TIMEOUT_S, options.lease_ms / 1000 / 3),
+        # instance re-claims the entry): the publish gives up before, leaving a third of the
+        # lease for the acknowledgement. Not much earlier: a publish given up on may still be
+        # confirmed, and is then delivered twice too.
+        publish_timeout_s=min(DEFAULT_PUBLISH_TIMEOUT_S, options.lease_ms / 1000 * 2 / 3),
         clock=ctx.clock,
         metrics=ctx.metrics,
     )

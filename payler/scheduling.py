@@ -10,6 +10,9 @@ The conventions are the original Payler's, extended:
   over ``x-delay`` when both are present.
 - ``x-destination``: the routing key (queue, topic) to deliver to; the workflow's default otherwise.
 
+Text may come as bytes: AMQP clients (pika, aio-pika) send a Python ``bytes`` value as a byte
+array, which arrives as ``bytes`` or ``bytearray``; it is read as UTF-8 text, like a string.
+
 Bad input raises :class:`~payler.errors.InvalidSchedule` with a reason for the dead-letter record.
 """
 
@@ -160,7 +163,7 @@ def parse_deliver_at(value: Any) -> int:
     """``x-deliver-at`` as epoch milliseconds, from a number, a numeric string or ISO 8601."""
     if isinstance(value, datetime):
         return _datetime_ms(value if value.tzinfo else value.replace(tzinfo=UTC))
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    text = _text(value)
     if isinstance(text, str) and not _NUMBER.match(text):
         try:
             moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
@@ -187,9 +190,7 @@ def destination(headers: Mapping[str, Any], rules: SchedulingRules) -> str:
     """``x-destination`` when present and usable, else the workflow's default destination."""
     if DESTINATION_HEADER not in headers:
         return rules.default_destination
-    value = headers[DESTINATION_HEADER]
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+    value = _text(headers[DESTINATION_HEADER])
     if not isinstance(value, str) or not value.strip():
         raise InvalidSchedule(f"{DESTINATION_HEADER} is not a destination name ({_show(value)})")
     if len(value.encode()) > MAX_DESTINATION_BYTES:
@@ -222,8 +223,8 @@ def _as_number(value: Any, header: str) -> float:
         raise InvalidSchedule(f"{header} is not a finite number ({_show(value)})")
     if isinstance(value, float | Decimal):
         number = float(value)
-    elif isinstance(value, str | bytes):
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    elif isinstance(value, str | bytes | bytearray | memoryview):
+        text = _text(value)
         if not _NUMBER.match(text):
             raise InvalidSchedule(f"{header} is not a number ({_show(value)})")
         number = float(text)
@@ -232,6 +233,13 @@ def _as_number(value: Any, header: str) -> float:
     if not math.isfinite(number):
         raise InvalidSchedule(f"{header} is not a finite number ({_show(value)})")
     return number
+
+
+def _text(value: Any) -> Any:
+    """``value`` as text if it is bytes-like (a byte array sent for a string), else as it is."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return value
 
 
 def _show(value: Any) -> str:

@@ -27,7 +27,7 @@ from payler.admin.operations import Admin
 from payler.admin.remote import RemoteAdmin
 from payler.admin.target import AdminTarget
 from payler.admin.times import iso, parse_duration_ms
-from payler.admin.views import Entry, NewMessage, Properties, ReplayRequest
+from payler.admin.views import DiscardRequest, Entry, NewMessage, Properties, ReplayRequest
 from payler.drivers.brokers import broker_from_url
 from payler.errors import InvalidSchedule, PaylerError, is_transient
 from payler.isolation import describe
@@ -392,6 +392,45 @@ def replay_command(ctx: click.Context, /, ids: tuple[str, ...], everything: bool
 
         def table() -> None:
             click.echo(f"replayed: {result.replayed}")
+            for failure in result.failed:
+                click.echo(f"failed: {failure.id}: {failure.error}")
+
+        emit(result, options["as_json"], table)
+        if result.failed:
+            sys.exit(EXIT_FAILED)
+
+    run(step)
+
+
+@dead_letters.command("discard")
+@click.option("--id", "ids", multiple=True, help="A dead letter's id (repeat for more).")
+@click.option("--reason", type=click.Choice(REASON_CLASSES))
+@click.option("--destination")
+@click.option("--all", "everything", is_flag=True, help="Every dead letter (up to --limit).")
+@click.option("--where", type=click.Choice(["spool", "queue"]))
+@click.option("--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--yes", is_flag=True, help="Do not ask first.")
+@connection_options
+@click.pass_context
+def discard_command(ctx: click.Context, /, ids: tuple[str, ...], everything: bool, yes: bool,
+                    **options: Any) -> None:  # fmt: skip
+    """Delete dead letters for good (from the spool, and off their dead-letter queue)."""
+    if not (ids or options["reason"] or options["destination"] or everything):
+        raise click.UsageError("select what to discard: --id, --reason, --destination or --all")
+    request = DiscardRequest(
+        ids=list(ids) or None, reason_class=options["reason"],
+        destination=options["destination"], all=everything, where=options["where"],
+        limit=options["limit"],
+    )  # fmt: skip
+    if not yes and sys.stdin.isatty():
+        click.confirm("Discard the selected dead letters for good?", abort=True, err=True)
+
+    async def step() -> None:
+        async with operations(ctx, options) as admin:
+            result = await admin.discard(request, who=who())
+
+        def table() -> None:
+            click.echo(f"discarded: {result.discarded}")
             for failure in result.failed:
                 click.echo(f"failed: {failure.id}: {failure.error}")
 

@@ -18,9 +18,11 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, Literal
 
 from payler import codec
+from payler.admin import insights
+from payler.admin.scan import HEADER_SCAN_LIMIT, header_matches, scan
 from payler.admin.target import AdminTarget
 from payler.admin.times import due_ms_of, iso
 from payler.admin.views import (
@@ -30,9 +32,13 @@ from payler.admin.views import (
     DeadLetter,
     DeadLetterPage,
     DeadLetterWhere,
+    DiscardRequest,
+    DiscardResult,
+    DueHistogram,
     Entry,
     EntryPage,
     NewMessage,
+    ReasonGroups,
     ReplayFailure,
     ReplayRequest,
     ReplayResult,
@@ -61,9 +67,6 @@ from payler.reasons import ReasonClass, reason_class
 
 log = logging.getLogger("payler.admin")
 
-#: A header filter reads at most this many entries per call (it has no index): the page then
-#: says how many it scanned and where to continue.
-HEADER_SCAN_LIMIT = 10_000
 #: The most messages a dead-letter queue is looked into per call.
 QUEUE_SCAN_LIMIT = 10_000
 #: The headers payler adds to a dead letter: removed when it is replayed.
@@ -81,6 +84,8 @@ DEAD_LETTER_HEADERS = frozenset(
 #: Ids of messages scheduled over the API start with this (then the idempotency key).
 API_ID_PREFIX = "api:"
 _REPLAY_BATCH = 100
+#: What is done with selected dead letters.
+_Action = Literal["replay", "discard"]
 
 
 class Admin:
@@ -189,7 +194,7 @@ class Admin:
                 found.append(entry_view(payload, state, body_cap))
                 return True
 
-            cursor, scanned = await _scan(storage, filters, keep, limit, cursor)
+            cursor, scanned = await scan(storage, filters, keep, limit, cursor)
             return EntryPage(items=found, next_cursor=cursor, scanned=scanned)
 
     async def get(self, payload_id: str, body_cap: int = DEFAULT_BODY_PREVIEW) -> Entry | None:
@@ -293,6 +298,12 @@ class Admin:
             )  # fmt: skip
         return Scheduled(id=payload_id, created=created, due_ms=due_ms, due_at=iso(due_ms))
 
+    async def due_histogram(
+        self, start_ms: int, end_ms: int, bucket_ms: int, destination: str | None = None
+    ) -> DueHistogram:
+        """Pending entries due per time bucket (see :func:`payler.admin.insights.due_histogram`)."""
+        return await insights.due_histogram(self, start_ms, end_ms, bucket_ms, destination)
+
     # -- dead letters ------------------------------------------------------------------------------
 
     async def dead_letters(
@@ -319,7 +330,7 @@ class Admin:
                     return True
 
                 filters = {"state": "dead", "destination": destination}
-                next_cursor, _ = await _scan(storage, filters, keep, limit, cursor)
+                next_cursor, _ = await scan(storage, filters, keep, limit, cursor)
         errors: dict[str, str] = {}
         if where in (None, "queue") and next_cursor is None and len(items) < limit:
             for queue in self.target.dead_letter_queues:
@@ -339,6 +350,10 @@ class Admin:
                         items.append(view)
         return DeadLetterPage(items=items[:limit], next_cursor=next_cursor, queue_errors=errors)
 
+    async def reason_groups(self, destination: str | None = None) -> ReasonGroups:
+        """Dead letters grouped by reason class (:func:`payler.admin.insights.reason_groups`)."""
+        return await insights.reason_groups(self, destination)
+
     async def replay(
         self,
         request: ReplayRequest,
@@ -354,11 +369,41 @@ class Admin:
         had one (invalid scheduling headers) goes back to its source queue, scheduling headers
         and all, to be scheduled again. A minimal copy (its body dropped) is not replayed.
         """
+        done, failed = await self._settle(request, "replay", progress)
+        log.info(
+            "admin: %s replayed %d dead letter(s) (%d failed); selection %s",
+            who, done, len(failed), request.model_dump(exclude_defaults=True),
+        )  # fmt: skip
+        return ReplayResult(replayed=done, failed=failed)
+
+    async def discard(
+        self,
+        request: DiscardRequest,
+        *,
+        who: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> DiscardResult:
+        """Delete the dead letters the request selects, for good: from the spool, and taken
+        off their dead-letter queue (minimal copies too)."""
+        done, failed = await self._settle(request, "discard", progress)
+        log.info(
+            "admin: %s discarded %d dead letter(s) (%d failed); selection %s",
+            who, done, len(failed), request.model_dump(exclude_defaults=True),
+        )  # fmt: skip
+        return DiscardResult(discarded=done, failed=failed)
+
+    async def _settle(
+        self,
+        request: ReplayRequest,
+        action: _Action,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[int, list[ReplayFailure]]:
+        """Replay or discard the selected dead letters; how many, and the failures."""
         if not (request.ids or request.reason_class or request.destination or request.all):
             raise ValueError(
-                "select the dead letters to replay: ids, reason_class, destination, or all"
+                f"select the dead letters to {action}: ids, reason_class, destination, or all"
             )
-        replayed, failed = 0, []
+        settled, failed = 0, []
         wanted = set(request.ids or [])
 
         def selected(payload: Payload, reason: str | None, destination: str | None) -> bool:
@@ -369,24 +414,30 @@ class Admin:
             return not (request.destination and destination != request.destination)
 
         def count(n: int) -> None:
-            nonlocal replayed
-            replayed += n
+            nonlocal settled
+            settled += n
             if progress is not None and n:
                 progress(n)
 
         if request.where in (None, "spool"):
-            failed += await self._replay_spool(request, selected, count)
-        if request.where in (None, "queue") and replayed < request.limit:
-            failed += await self._replay_queues(request.limit - replayed, selected, count)
-        log.info(
-            "admin: %s replayed %d dead letter(s) (%d failed); selection %s",
-            who, replayed, len(failed), request.model_dump(exclude_defaults=True),
-        )  # fmt: skip
-        return ReplayResult(replayed=replayed, failed=failed)
+            failed += await self._replay_spool(request, action, selected, count)
+        if request.where in (None, "queue") and settled < request.limit:
+            failed += await self._replay_queues(request.limit - settled, action, selected, count)
+        return settled, failed
+
+    async def _act(
+        self, action: _Action, batch: Sequence[Payload], *, from_queue: bool
+    ) -> list[Rejection]:
+        """What replaying (publishing back) or discarding (nothing to do) ``batch`` refused."""
+        if action == "discard":
+            return []
+        async with self.broker() as broker:
+            return await _republish(broker, batch, from_queue=from_queue)
 
     async def _replay_spool(
         self,
         request: ReplayRequest,
+        action: _Action,
         selected: Callable[[Payload, str | None, str | None], bool],
         count: Callable[[int], None],
     ) -> list[ReplayFailure]:
@@ -407,8 +458,7 @@ class Admin:
                 chosen = [p for p in candidates if selected(p, p.last_error, p.destination)]
                 for start in range(0, min(len(chosen), left), _REPLAY_BATCH):
                     batch = chosen[start : min(start + _REPLAY_BATCH, left)]
-                    async with self.broker() as broker:
-                        rejections = await _republish(broker, batch, from_queue=False)
+                    rejections = await self._act(action, batch, from_queue=False)
                     refused = {r.payload_id: r.reason for r in rejections}
                     failed += [ReplayFailure(id=i, error=e) for i, e in refused.items()]
                     done = [p for p in batch if p.id not in refused]
@@ -423,6 +473,7 @@ class Admin:
     async def _replay_queues(
         self,
         limit: int,
+        action: _Action,
         selected: Callable[[Payload, str | None, str | None], bool],
         count: Callable[[int], None],
     ) -> list[ReplayFailure]:
@@ -440,7 +491,7 @@ class Admin:
                 destination = _str(headers.get(DEAD_LETTER_DESTINATION))
                 if picked >= room or not selected(payload, reason, destination):
                     return False
-                if DEAD_LETTER_TRUNCATED in headers:
+                if DEAD_LETTER_TRUNCATED in headers and action == "replay":
                     failed.append(
                         ReplayFailure(id=payload.id, error="a minimal copy: its body was dropped")
                     )
@@ -449,8 +500,7 @@ class Admin:
                 return True
 
             async def handler(batch: Sequence[Payload]) -> list[Rejection]:
-                async with self.broker() as broker:
-                    rejections = await _republish(broker, batch, from_queue=True)
+                rejections = await self._act(action, batch, from_queue=True)
                 failed.extend(ReplayFailure(id=r.payload_id, error=r.reason) for r in rejections)
                 return rejections
 
@@ -496,52 +546,6 @@ async def _republish(
     rejections += await broker.process(deliveries)
     rejections += await broker.send(sends)
     return rejections
-
-
-async def _scan(
-    storage: SpoolStorage,
-    filters: dict[str, Any],
-    keep: Callable[[Payload], bool],
-    limit: int,
-    cursor: str | None,
-) -> tuple[str | None, int]:
-    """Read entries in due order until ``keep`` kept ``limit`` of them or
-    :data:`HEADER_SCAN_LIMIT` were read; return where to continue (``None``: the end) and how
-    many were read."""
-    kept = scanned = 0
-    while True:
-        page = await storage.list(
-            **filters, limit=min(500, HEADER_SCAN_LIMIT - scanned), cursor=cursor
-        )
-        for index, payload in enumerate(page.items):
-            scanned += 1
-            cursor = _cursor(payload)
-            kept += keep(payload)
-            if kept == limit:
-                last = index == len(page.items) - 1 and page.next_cursor is None
-                return (None if last else cursor), scanned
-        if page.next_cursor is None:
-            return None, scanned
-        if scanned >= HEADER_SCAN_LIMIT:
-            return cursor, scanned
-
-
-def header_matches(headers: dict[str, Any], name: str, value: str) -> bool:
-    """Whether header ``name`` is ``value`` (compared as text; bytes as UTF-8)."""
-    if name not in headers:
-        return False
-    found = headers[name]
-    if isinstance(found, bytes):
-        found = found.decode("utf-8", "replace")
-    elif isinstance(found, bool):
-        found = str(found).lower()
-    return str(found) == value
-
-
-def _cursor(payload: Payload) -> str:
-    from payler.drivers.storages.base import encode_cursor  # noqa: PLC0415 - tiny helper
-
-    return encode_cursor(payload.due_ms, payload.id)
 
 
 def _str(value: object) -> str | None:

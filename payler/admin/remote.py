@@ -21,6 +21,8 @@ from payler.admin.views import (
     Count,
     DeadLetterPage,
     DeadLetterWhere,
+    DiscardRequest,
+    DiscardResult,
     Entry,
     EntryPage,
     NewMessage,
@@ -143,6 +145,19 @@ class RemoteAdmin:
         result = await self._call(ReplayResult, "POST", "/v1/dead-letters/replay", body=body)
         if progress is not None:
             progress(result.replayed)
+        return result
+
+    async def discard(
+        self,
+        request: DiscardRequest,
+        *,
+        who: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> DiscardResult:
+        body = request.model_dump(exclude_defaults=True)
+        result = await self._call(DiscardResult, "POST", "/v1/dead-letters/discard", body=body)
+        if progress is not None:
+            progress(result.discarded)
         return result
 
     # -- HTTP ----------------------------------------------------------------------------------

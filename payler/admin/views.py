@@ -189,6 +189,11 @@ class ReplayRequest(BaseModel):
     limit: int = Field(default=1000, ge=1, le=100_000)
 
 
+class DiscardRequest(ReplayRequest):
+    """Which dead letters to delete for good (``POST /v1/dead-letters/discard``): the same
+    selectors as a replay; at least one, or ``all``."""
+
+
 class ReplayFailure(BaseModel):
     id: str
     error: str
@@ -197,6 +202,51 @@ class ReplayFailure(BaseModel):
 class ReplayResult(BaseModel):
     replayed: int
     failed: list[ReplayFailure]
+
+
+class DiscardResult(BaseModel):
+    discarded: int
+    failed: list[ReplayFailure]
+
+
+class ReasonGroup(BaseModel):
+    """The dead letters of one reason class."""
+
+    reason_class: ReasonClass
+    count: int = Field(description="In the spool and on the dead-letter queues.")
+    spool: int
+    queue: int
+    example: str | None = Field(description="The most frequent reason text of the class.")
+
+
+class ReasonGroups(BaseModel):
+    """Dead letters grouped by reason class, most first (``GET /v1/dead-letters/reasons``)."""
+
+    groups: list[ReasonGroup]
+    total: int = Field(description="Dead letters counted (the sum of the groups).")
+    complete: bool = Field(
+        description="False when there were more dead letters than were looked at (the spool's "
+        "first 10,000 dead entries and each queue's first 1,000 messages are)."
+    )
+    queue_errors: dict[str, str] = Field(default_factory=dict)
+
+
+class DueBucket(BaseModel):
+    start_ms: int
+    start_at: str | None
+    count: int
+
+
+class DueHistogram(BaseModel):
+    """How many pending entries are due per time bucket (``GET /v1/scheduled/histogram``),
+    counted through the due-time index: no entry is read, whatever the backlog."""
+
+    start_ms: int
+    end_ms: int
+    bucket_ms: int
+    buckets: list[DueBucket]
+    overdue: int = Field(description="Due before start_ms (overdue, when start is now).")
+    later: int = Field(description="Due at end_ms or after.")
 
 
 def body_view(body: bytes, cap: int) -> dict[str, Any]:

@@ -11,23 +11,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel
 
+from payler import __version__
 from payler.admin.operations import Admin
+from payler.admin.status import Overview, SpoolOverview
 from payler.admin.views import (
     LIST_BODY_PREVIEW,
     MAX_BODY_PREVIEW,
     Count,
     DeadLetterPage,
     DeadLetterWhere,
+    DiscardRequest,
+    DiscardResult,
     Done,
+    DueHistogram,
     Entry,
     EntryPage,
     NewMessage,
+    ReasonGroups,
     ReplayRequest,
     ReplayResult,
     Reschedule,
@@ -36,10 +41,18 @@ from payler.admin.views import (
 )
 from payler.errors import InvalidSchedule, StartupError, is_transient
 from payler.http.security import Caller, authenticate
+from payler.http.sessions import (
+    CSRF_HEADER,
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    csrf_matches,
+    refusal,
+)
+from payler.http.state import ServerState, readiness
 from payler.isolation import describe
 from payler.reasons import ReasonClass
 from payler.scheduling import parse_deliver_at
-from payler.urls import mask_urls
+from payler.urls import mask_url, mask_urls
 
 T = TypeVar("T")
 
@@ -53,6 +66,7 @@ class Problem(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "A value payler refuses."},
     401: {"model": Problem, "description": "No valid bearer token."},
+    403: {"model": Problem, "description": "A browser's request from another site."},
     413: {"model": Problem, "description": "The request body is over the limit."},
     503: {"model": Problem, "description": "The storage or the broker cannot be reached."},
 }
@@ -67,8 +81,24 @@ def admin_of(request: Request) -> Admin:
 
 
 def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    """The caller of a ``/v1`` request (401 without a valid token, when tokens are set)."""
-    who = authenticate(request.app.state.payler.settings.tokens, authorization)
+    """The caller of a ``/v1`` request: a bearer token, the console's session cookie (with its
+    CSRF token on a change), or ``loopback`` when no token is configured. 401 without a valid
+    one; 403 for a request that a browser sent from another site, or, with no token
+    configured, addressed to a name other than an IP address or localhost (see
+    :mod:`payler.http.sessions`)."""
+    state: ServerState = request.app.state.payler
+    tokens = state.settings.tokens
+    refused = refusal(request.method, request.headers, request.url.scheme, open_access=not tokens)
+    if refused is not None:
+        raise HTTPException(403, refused)
+    if authorization is None:
+        session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is not None:
+            unsafe = request.method not in SAFE_METHODS
+            if unsafe and not csrf_matches(session, request.headers.get(CSRF_HEADER)):
+                raise HTTPException(403, "the console's CSRF token is missing or stale: reload")
+            return Caller(session.name)
+    who = authenticate(tokens, authorization)
     if who is None:
         raise HTTPException(
             401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
@@ -109,11 +139,24 @@ async def _run(step: Callable[[], Awaitable[T]]) -> T:
         return await step()
 
 
-def _ms(value: datetime | str | None) -> int | None:
-    # FastAPI hands an empty query value over as it is (""): no filter.
-    if value is None or isinstance(value, str):
+#: The latest time a due filter may name (the end of year 9999), in epoch ms.
+_LATEST_MS = 253_402_300_799_999
+
+
+def _ms(value: str | None, name: str) -> int | None:
+    """A due filter (ISO 8601 with an offset, or epoch ms) as epoch ms; an empty one (FastAPI
+    hands ``?due_from=`` over as ``""``) is no filter; anything else is a 400 naming it."""
+    if value is None or not value.strip():
         return None
-    return parse_deliver_at(value if value.tzinfo else value.replace(tzinfo=UTC))
+    try:
+        ms = parse_deliver_at(value)
+    except (InvalidSchedule, ValueError, OverflowError):
+        ms = -1
+    if not 0 <= ms <= _LATEST_MS:
+        raise HTTPException(
+            400, f"{name}: expected ISO 8601 with a UTC offset, or epoch milliseconds"
+        )
+    return ms
 
 
 def _header(value: str | None) -> tuple[str, str] | None:
@@ -154,8 +197,8 @@ async def list_scheduled(
         lambda: admin.list_entries(
             state=state,
             destination=destination,
-            due_from_ms=_ms(due_from),
-            due_to_ms=_ms(due_to),
+            due_from_ms=_ms(due_from, "due_from"),
+            due_to_ms=_ms(due_to, "due_to"),
             message_id=message_id,
             correlation_id=correlation_id,
             header=_header(header),
@@ -169,6 +212,27 @@ async def list_scheduled(
 @router.get("/scheduled/count", summary="Count pending and dead entries")
 async def count_scheduled(admin: AdminDep, destination: str | None = None) -> Count:
     return await _run(lambda: admin.count(destination))
+
+
+@router.get("/scheduled/histogram", summary="How many pending entries are due per time bucket")
+async def due_histogram(
+    admin: AdminDep,
+    destination: str | None = None,
+    due_from: Annotated[
+        str | None, Query(description="The first bucket's start (default: now).")
+    ] = None,
+    due_to: Annotated[
+        str | None, Query(description="The last bucket's end (default: 24 hours after the start).")
+    ] = None,
+    bucket_ms: Annotated[
+        int, Query(ge=1000, le=366 * 24 * 3_600_000, description="Each bucket's span.")
+    ] = 3_600_000,
+) -> DueHistogram:
+    start = _ms(due_from, "due_from")
+    start = admin.clock.now_ms() if start is None else start
+    end = _ms(due_to, "due_to")
+    end = start + 24 * 3_600_000 if end is None else end
+    return await _run(lambda: admin.due_histogram(start, end, bucket_ms, destination))
 
 
 @router.post(
@@ -249,9 +313,48 @@ async def dead_letters(
     )
 
 
+@router.get("/dead-letters/reasons", summary="Dead letters grouped by reason class, with counts")
+async def dead_letter_reasons(admin: AdminDep, destination: str | None = None) -> ReasonGroups:
+    return await _run(lambda: admin.reason_groups(destination))
+
+
 @router.post("/dead-letters/replay", summary="Re-inject dead letters to where they were going")
 async def replay(request: ReplayRequest, admin: AdminDep, who: CallerDep) -> ReplayResult:
     return await _run(lambda: admin.replay(request, who=who.name))
+
+
+@router.post("/dead-letters/discard", summary="Delete dead letters for good")
+async def discard(request: DiscardRequest, admin: AdminDep, who: CallerDep) -> DiscardResult:
+    return await _run(lambda: admin.discard(request, who=who.name))
+
+
+@router.get("/overview", summary="The daemon at a glance: workflows, rates, lateness, spools")
+async def overview(request: Request) -> Overview:
+    state: ServerState = request.app.state.payler
+    samples = await state.sampler.fresh()
+    window_s, workflows = state.tracker.workflows()
+    ready = readiness(state)
+    spools = [
+        SpoolOverview(
+            storage=mask_url(url),
+            up=sample.up,
+            pending=sample.pending,
+            dead=sample.dead,
+            oldest_overdue_s=sample.oldest_overdue_s,
+            error=sample.error,
+            sampled_ms=sample.sampled_ms,
+        )
+        for url, sample in samples.items()
+    ]
+    return Overview(
+        version=__version__,
+        now_ms=state.admin.clock.now_ms(),
+        ready=ready.ready,
+        reason=ready.reason,
+        window_s=window_s,
+        workflows=workflows,
+        spools=spools,
+    )
 
 
 def _found(entry: Entry | None, entry_id: str) -> Entry:

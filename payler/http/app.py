@@ -1,12 +1,11 @@
-"""The FastAPI application: ``/metrics``, ``/healthz``, ``/readyz``, ``/v1`` (the admin API) and
-``/openapi.json``. No route serves assets from the internet (no CDN'd docs page): the
-OpenAPI document is the reference.
+"""The FastAPI application: ``/metrics``, ``/healthz``, ``/readyz``, ``/v1`` (the admin API),
+``/openapi.json`` and the web console at ``/ui`` (:mod:`payler.http.console`). Nothing is
+served from the internet (no CDN'd docs page, no CDN'd script): the OpenAPI document is the
+API's reference, and the console's assets are files of the package.
 """
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,36 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 
 from payler import __version__
-from payler.admin.operations import Admin
 from payler.http import api
-from payler.http.exposition import RuntimeView
+from payler.http.console import routes as console
 from payler.http.security import BodyLimit
-from payler.http.settings import HttpSettings
-from payler.workflow import WorkflowState
-
-
-@dataclass(slots=True)
-class ServerState:
-    """What the routes reach: the runtime (states, metrics), the admin operations, settings."""
-
-    runtime: RuntimeView
-    settings: HttpSettings
-    admin: Admin
-    registry: CollectorRegistry
-    stopping: asyncio.Event
-
-
-class WorkflowStatus(BaseModel):
-    state: WorkflowState
-    problem: str | None = None
-
-
-class Readiness(BaseModel):
-    """``/readyz``'s answer: ready, or why not (naming the workflow)."""
-
-    ready: bool
-    reason: str | None = None
-    workflows: dict[str, WorkflowStatus]
+from payler.http.state import Readiness, ServerState, readiness
 
 
 class Health(BaseModel):
@@ -63,6 +36,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.payler = state
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_request_bytes)
     app.include_router(api.router)
+    app.include_router(console.router)
+    app.mount(f"{console.PREFIX}/static", console.static, name="console-static")
 
     @app.get(
         "/metrics",
@@ -88,22 +63,6 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(ready.model_dump(), status_code=200 if ready.ready else 503)
 
     return app
-
-
-def readiness(state: ServerState) -> Readiness:
-    """Ready only while every workflow is ready (one that finished on its own counts as done,
-    not as unready), and the daemon is not stopping."""
-    contexts = state.runtime.contexts
-    workflows = {ctx.name: WorkflowStatus(state=ctx.state, problem=ctx.problem) for ctx in contexts}
-    if state.stopping.is_set():
-        return Readiness(ready=False, reason="payler is stopping", workflows=workflows)
-    for ctx in contexts:
-        if ctx.state in ("starting", "restarting"):
-            why = f"workflow {ctx.name!r} is {ctx.state}"
-            if ctx.problem:
-                why += f" ({ctx.problem})"
-            return Readiness(ready=False, reason=why, workflows=workflows)
-    return Readiness(ready=True, workflows=workflows)
 
 
 __all__ = ["Readiness", "ServerState", "create_app", "readiness"]

@@ -32,6 +32,10 @@ class Sample:
     dead: int = 0
     oldest_overdue_s: float = 0.0
     up: bool = False
+    #: Why the last sample failed (password-free), while ``up`` is False.
+    error: str | None = None
+    #: When the last sample was taken (epoch ms), None before the first.
+    sampled_ms: int | None = None
 
 
 class SpoolSampler:
@@ -47,13 +51,16 @@ class SpoolSampler:
         self.samples = {url: Sample() for url in urls}
         #: Set after each round of samples (tests wait for it).
         self.sampled = asyncio.Event()
+        self._sampling = asyncio.Lock()
+        self._last_round_ms: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample until ``stop`` is set (a failing spool is sampled again, with backoff)."""
         failures = 0
         try:
             while not stop.is_set():
-                ok = await self.sample_once()
+                async with self._sampling:
+                    ok = await self.sample_once()
                 failures = 0 if ok else failures + 1
                 wait = self.interval_s if ok else min(self.interval_s, Backoff().delay_s(failures))
                 with contextlib.suppress(TimeoutError):
@@ -61,6 +68,15 @@ class SpoolSampler:
         finally:
             for admin in self._admins.values():
                 await admin.close()
+
+    async def fresh(self, max_age_s: float = 1.0) -> dict[str, Sample]:
+        """The samples, taken again first when older than ``max_age_s`` (the console's
+        overview is live; concurrent callers share one round)."""
+        async with self._sampling:
+            last = self._last_round_ms
+            if last is None or self.clock.now_ms() - last > max_age_s * 1000:
+                await self.sample_once()
+        return self.samples
 
     async def sample_once(self) -> bool:
         ok = True
@@ -74,14 +90,15 @@ class SpoolSampler:
                 now_ms = self.clock.now_ms()
                 overdue_ms = now_ms - first[0].due_ms if first else 0
                 sample.oldest_overdue_s = max(0, overdue_ms) / 1000
-                sample.up = True
+                sample.up, sample.error = True, None
             except Exception as exc:  # an outage, or anything: the gauges say so
+                sample.error = mask_urls(describe(exc))
                 if sample.up or ok:
-                    log.warning(
-                        "cannot sample the spool %s: %s", mask_url(url), mask_urls(describe(exc))
-                    )
+                    log.warning("cannot sample the spool %s: %s", mask_url(url), sample.error)
                 sample.up = ok = False
                 await admin.close()
+            sample.sampled_ms = self.clock.now_ms()
+        self._last_round_ms = self.clock.now_ms()
         self.sampled.set()
         return ok
 

@@ -24,13 +24,15 @@ from collections.abc import AsyncIterator, Generator
 import uvicorn
 
 from payler.admin.operations import Admin
+from payler.admin.status import RateTracker
 from payler.admin.target import AdminTarget
 from payler.config import Loaded
 from payler.errors import StartupError
-from payler.http.app import ServerState, create_app
+from payler.http.app import create_app
 from payler.http.exposition import RuntimeView, make_registry
 from payler.http.sampling import SpoolSampler
 from payler.http.settings import HttpSettings
+from payler.http.state import ServerState
 
 log = logging.getLogger("payler.http")
 
@@ -61,14 +63,22 @@ class HttpServer:
         self.settings = settings
         self.sampler = SpoolSampler(target, settings.sample_interval_seconds)
         self.admin = Admin(target)
+        self.tracker = RateTracker(lambda: runtime.contexts)
         self.state = ServerState(
-            runtime, settings, self.admin, make_registry(runtime, self.sampler), stopping
+            runtime,
+            settings,
+            self.admin,
+            make_registry(runtime, self.sampler),
+            stopping,
+            self.sampler,
+            self.tracker,
         )
         self.app = create_app(self.state)
         self.port = settings.port
         self._server: _Server | None = None
         self._serving: asyncio.Task[None] | None = None
         self._sampling: asyncio.Task[None] | None = None
+        self._tracking: asyncio.Task[None] | None = None
         self._stop_sampling = asyncio.Event()
 
     async def start(self) -> None:
@@ -98,6 +108,7 @@ class HttpServer:
             await self.stop()
             raise StartupError(f"the HTTP server on {self.url} did not start")
         self._sampling = asyncio.create_task(self.sampler.run(self._stop_sampling))
+        self._tracking = asyncio.create_task(self.tracker.run(self._stop_sampling))
         where = "" if self.settings.loopback else ", bearer token required on /v1"
         log.info("HTTP server on %s (/metrics, /healthz, /readyz, /v1%s)", self.url, where)
 
@@ -110,7 +121,7 @@ class HttpServer:
         self._stop_sampling.set()
         if self._server is not None:
             self._server.should_exit = True
-        for task in (self._serving, self._sampling):
+        for task in (self._serving, self._sampling, self._tracking):
             if task is None:
                 continue
             try:

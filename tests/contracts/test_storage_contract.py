@@ -424,6 +424,25 @@ class StorageContract:
         assert await storage.count(destination="x", state="dead") == 1
         assert await storage.count(destination="y", state="dead") == 0
 
+    async def test_count_due_counts_a_half_open_range(self, storage: SpoolStorage) -> None:
+        await storage.store(
+            [payload("a", T0, "x"), payload("b", T0 + 10, "x"), payload("c", T0 + 20, "y")]
+        )
+        claims = await storage.claim_due(T0 + 20, 3, LEASE)
+        assert await storage.retry(next(c for c in claims if c.payload.id == "a"), T0 + 5, "e")
+        assert await storage.dead_letter(next(c for c in claims if c.payload.id == "c"), "bad")
+        # a: pending (retried, due T0 + 5), b: pending (leased), c: dead.
+        assert await storage.count_due(None, None) == 2
+        assert await storage.count_due(T0, T0 + 10) == 1  # the end is excluded
+        assert await storage.count_due(T0 + 5, T0 + 11) == 2
+        assert await storage.count_due(T0 + 6, None) == 1
+        assert await storage.count_due(None, T0 + 5) == 0
+        assert await storage.count_due(T0, T0 + 100, destination="y") == 0
+        assert await storage.count_due(T0, T0 + 100, destination="y", state="dead") == 1
+        assert await storage.count_due(T0 + 20, T0 + 21, state="dead") == 1
+        with pytest.raises(ValueError, match="before"):
+            await storage.count_due(T0 + 1, T0)
+
     async def test_cancel(self, storage: SpoolStorage) -> None:
         await storage.store([payload("a", T0), payload("b", T0), payload("c", T0 + 1)])
         assert await storage.cancel("c")

@@ -482,31 +482,9 @@ def _pika_take(url: str, queue: str) -> list[tuple[Any, bytes]]:
     "edge",
     [
         pytest.param("dead letter of a 126 kB header", id="big-header-dead-letter"),
-        pytest.param(
-            "timestamp 2**62",
-            id="timestamp-2**62",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 7 defect 12: an AMQP message the client library cannot decode "
-                "wedges ingest for good",
-            ),
-        ),
-        pytest.param(
-            "timestamps after 2106",
-            id="after-2106",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 7 defect 15: AMQP timestamps after 2106 are rewritten",
-            ),
-        ),
-        pytest.param(
-            "x-delay as a byte array",
-            id="x-delay-bytes",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 7 defect 19: x-delay sent as an AMQP byte array is dead-lettered",
-            ),
-        ),
+        pytest.param("timestamp 2**62", id="timestamp-2**62"),
+        pytest.param("timestamps after 2106", id="after-2106"),
+        pytest.param("x-delay as a byte array", id="x-delay-bytes"),
     ],
 )
 async def test_amqp_edge_message_among_good_ones(

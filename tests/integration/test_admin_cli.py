@@ -99,6 +99,22 @@ async def test_an_operator_works_from_the_shell(rabbit: Rabbit, tmp_path: Path) 
         assert (code, out.strip()) == (0, "replayed: 1"), err
         [(_, replayed)] = await rabbit.collect(q["later"], 1, timeout_s=20)
         assert replayed.body == b"lost"
+
+        # A message that can never be scheduled: discarded for good, through the API.
+        code, _, err = await cli(*with_config, "send", "-H", "x-delay=soon", "--message-id",
+                                 "m-bad", "bad", env=env)  # fmt: skip
+        assert code == 0, err
+
+        async def invalid() -> bool:
+            code, out, _ = await cli("dead-letters", "list", "--reason", "invalid-schedule",
+                                     "--json", *api, env=env)  # fmt: skip
+            return code == 0 and [d["message_id"] for d in json.loads(out)["items"]] == ["m-bad"]
+
+        await eventually(invalid, 30)
+        code, out, err = await cli("dead-letters", "discard", "--reason", "invalid-schedule",
+                                   "--yes", *api, env=env)  # fmt: skip
+        assert (code, out.strip()) == (0, "discarded: 1"), err
+        assert await rabbit.count(q["dlq"]) == 0
     finally:
         assert await payler.stop() == 0, payler.log
 

@@ -40,7 +40,9 @@ Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
   already taken is parked under that id plus a suffix (``!dead-<random>``).
 - ``next_visible_ms()``: the earliest time any pending entry may be claimed, ``None`` if none.
 - Admin: ``get``, ``state_of``, ``list`` (filters: destination, due range, state, message id,
-  correlation id; cursor pagination in due order), ``count``, ``cancel`` (delete),
+  correlation id; cursor pagination in due order), ``count``, ``count_due`` (entries due in a
+  half-open range ``[start, end)``, through the due-time index: the console's chart of what is
+  due per time bucket), ``cancel`` (delete),
   ``reschedule`` (new due time, lease dropped: a delivery in progress of that entry can then no
   longer settle it, and it is delivered again when due). Leased entries count as ``pending``.
 - Lookups by message id and correlation id (``properties.message_id``/``correlation_id``) go
@@ -318,6 +320,20 @@ class SpoolStorage(BaseDriver):
         """How many entries, filtered."""
         return await self._count(destination, state)
 
+    async def count_due(
+        self,
+        start_ms: int | None,
+        end_ms: int | None,
+        *,
+        destination: str | None = None,
+        state: EntryState = "pending",
+    ) -> int:
+        """How many entries are due in ``[start_ms, end_ms)`` (``None``: unbounded on that side),
+        counted through the backend's due-time index (no entry is read)."""
+        if start_ms is not None and end_ms is not None and end_ms < start_ms:
+            raise ValueError("end_ms is before start_ms")
+        return await self._count_due(destination, state, start_ms, end_ms)
+
     async def cancel(self, payload_id: str) -> bool:
         """Delete an entry whatever its state; False if there was none."""
         return await self._cancel(payload_id)
@@ -494,6 +510,12 @@ class SpoolStorage(BaseDriver):
 
     @abstractmethod
     async def _count(self, destination: str | None, state: EntryState) -> int: ...
+
+    @abstractmethod
+    async def _count_due(
+        self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
+    ) -> int:
+        """Entries in ``state`` (going to ``destination``) with ``start_ms <= due_ms < end_ms``."""
 
     @abstractmethod
     async def _lookup(

@@ -176,6 +176,18 @@ class MemoryStorage(SpoolStorage):
             if e.state == state and (destination is None or e.payload.destination == destination)
         )
 
+    async def _count_due(
+        self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
+    ) -> int:
+        return sum(
+            1
+            for e in self._entries.values()
+            if e.state == state
+            and (destination is None or e.payload.destination == destination)
+            and (start_ms is None or e.payload.due_ms >= start_ms)
+            and (end_ms is None or e.payload.due_ms < end_ms)
+        )
+
     async def _lookup(
         self, field: LookupField, value: str, state: EntryState, limit: int
     ) -> list[Payload]:

@@ -295,6 +295,16 @@ class MongoStorage(SpoolStorage):
         return await self._spool.count_documents(_filter(destination, state))
 
     @_transient
+    async def _count_due(
+        self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
+    ) -> int:
+        query = _filter(destination, state)
+        due = {op: ms for op, ms in (("$gte", start_ms), ("$lt", end_ms)) if ms is not None}
+        if due:
+            query["due_ms"] = due
+        return await self._spool.count_documents(query)
+
+    @_transient
     async def _cancel(self, payload_id: str) -> bool:
         result = await self._spool.delete_one({"_id": payload_id, "state": {"$ne": "delivered"}})
         return result.deleted_count == 1

@@ -559,6 +559,15 @@ class RedisStorage(SpoolStorage):
         return int(await self.client.zcard(self._index(destination, state)))
 
     @_transient
+    async def _count_due(
+        self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
+    ) -> int:
+        """O(log n): ZCOUNT on the due-time index of the state (and destination)."""
+        low = "-inf" if start_ms is None else start_ms
+        high = "+inf" if end_ms is None else f"({end_ms}"
+        return int(await self.client.zcount(self._index(destination, state), low, high))
+
+    @_transient
     async def _lookup(
         self, field: LookupField, value: str, state: EntryState, limit: int
     ) -> list[Payload]:

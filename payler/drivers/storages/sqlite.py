@@ -338,6 +338,24 @@ class SQLiteStorage(SpoolStorage):
             )
         return int(rows[0][0])
 
+    async def _count_due(
+        self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
+    ) -> int:
+        # A range of the (state, due_ms) or (state, destination, due_ms) index: no row is read.
+        where: list[str] = ["state = ?"]
+        params: list[object] = [state]
+        if destination is not None:
+            where.append("destination = ?")
+            params.append(destination)
+        if start_ms is not None:
+            where.append("due_ms >= ?")
+            params.append(start_ms)
+        if end_ms is not None:
+            where.append("due_ms < ?")
+            params.append(end_ms)
+        rows = await self._one(f"SELECT COUNT(*) FROM spool WHERE {' AND '.join(where)}", params)
+        return int(rows[0][0])
+
     async def _lookup(
         self, field: LookupField, value: str, state: EntryState, limit: int
     ) -> list[Payload]:
