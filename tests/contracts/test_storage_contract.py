@@ -155,6 +155,18 @@ class StorageContract:
         assert await storage.dead_letter(claims[1], "bad")
         assert await storage.store([other, payload("older", T0, body=b"other")]) == 0
 
+    async def test_a_caller_may_say_what_makes_two_payloads_the_same(
+        self, storage: SpoolStorage
+    ) -> None:
+        # Ids that are idempotency keys: the same key is one operation, whatever it carries.
+        key = ["digest of the key"]
+        assert await storage.store_batch([payload("k", T0)], digests=key) == Stored(new=["k"])
+        other = payload("k", T0, body=b"another body, the same key")
+        assert await storage.store_batch([other], digests=key) == Stored(duplicates=["k"])
+        assert await storage.count() == 1
+        with pytest.raises(ValueError, match="one digest per payload"):
+            await storage.store_batch([other], digests=[])
+
     async def test_parking_under_a_reused_id_keeps_both(self, storage: SpoolStorage) -> None:
         await storage.store([payload("p", T0)])
         other = payload("p", T0, body=b"refused everywhere")

@@ -204,14 +204,23 @@ class SpoolStorage(BaseDriver):
         """Durably store ``batch``, idempotently by id and content; return how many were new."""
         return len((await self.store_batch(batch)).new)
 
-    async def store_batch(self, batch: Sequence[Payload]) -> Stored:
+    async def store_batch(
+        self, batch: Sequence[Payload], *, digests: Sequence[str] | None = None
+    ) -> Stored:
         """Durably store ``batch``, idempotently by id and content; say what became of each.
 
-        Raises ``ValueError``/``TypeError`` when a payload's headers cannot be stored at all.
+        ``digests`` (one per payload) tell a redelivery from a reused id: by default each
+        payload's :func:`~payler.identity.content_digest`. A caller whose ids are idempotency
+        keys (the same key is the same operation, whatever it carries) passes a digest of the
+        key instead. Raises ``ValueError``/``TypeError`` when a payload's headers cannot be
+        stored at all.
         """
         if not batch:
             return Stored()
-        digests = [content_digest(p) for p in batch]
+        if digests is None:
+            digests = [content_digest(p) for p in batch]
+        elif len(digests) != len(batch):
+            raise ValueError("one digest per payload")
         with self.metrics.timer("store_batch_seconds"):
             stored = await self._store(batch, digests)
         _board.stored(self.url, min(p.due_ms for p in batch))
