@@ -87,6 +87,11 @@ def main(
                log_headers.split(","))  # fmt: skip
     ctx.obj = {"config_file": config_file}
     if ctx.invoked_subcommand is not None:
+        if log_level.upper() != "DEBUG":
+            # An admin command opens the spool for one operation: the daemon's start-up line
+            # ("opened the spool at ...: N pending") would be noise there; a warning (a new,
+            # empty spool where one was expected: a wrong path) is not.
+            logging.getLogger("payler.storage").setLevel(logging.WARNING)
         return
     if config_file is None:
         raise click.UsageError("Missing option '--config-file'.")

@@ -18,16 +18,18 @@ delayed Kafka → RabbitMQ bridge.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from payler.backoff import Backoff
 from payler.codec import safe_text
 from payler.drivers.base import Rejection
 from payler.drivers.brokers import broker_from_url
 from payler.drivers.brokers.base import DEFAULT_PUBLISH_TIMEOUT_S, Broker
 from payler.drivers.storages import storage_from_url
-from payler.drivers.storages.base import SpoolStorage, WatchSettings
+from payler.drivers.storages.base import SpoolStorage, Stored, WatchSettings
 from payler.errors import InvalidSchedule, is_transient
 from payler.faults import fault_point
 from payler.identity import is_content_id, random_spool_id
@@ -45,7 +47,13 @@ from payler.workflow import WorkflowContext
 async def process_queue(ctx: WorkflowContext) -> None:
     """Consume a queue and spool each message until it is due (see the module docstring)."""
     options: ProcessQueueOptions = ctx.options
-    storage = storage_from_url(options.storage_url, clock=ctx.clock, metrics=ctx.metrics)
+    storage = storage_from_url(
+        options.storage_url,
+        clock=ctx.clock,
+        metrics=ctx.metrics,
+        max_body_bytes=options.max_body_bytes,
+        min_free_bytes=options.min_free_bytes,
+    )
     broker = broker_from_url(
         options.broker_url,
         queue=options.queue,
@@ -98,6 +106,11 @@ async def spool(
     value the spool cannot store, a bug — it is dead-lettered alone, with the reason, and the
     rest of the batch is stored. Returned: the messages to hand back to the source for now (their
     dead-lettering was refused for now).
+
+    First the spool must admit the batch (:meth:`SpoolStorage.admission`): while its file system
+    is below the free-space watermark, this waits, holding the batch unacknowledged (so the
+    source stops sending and keeps the rest), while delivering goes on elsewhere. Stopping while
+    waiting hands the whole batch back to the source.
     """
     rules = scheduling_rules(options)
     scheduled, invalid, odd_times = [], [], []
@@ -115,24 +128,78 @@ async def spool(
             "max_delay_ms): their delay counts from their receipt instead (first: %s, stamped %s)",
             len(odd_times), odd_times[0].id, odd_times[0].properties.timestamp_ms,
         )  # fmt: skip
-    stored, unstorable = await isolate(
-        storage.store, scheduled, "the spool cannot store it", metrics=ctx.metrics
+    incoming = sum(len(p.body) for p in scheduled)
+    if scheduled and not await _admitted(storage, incoming, ctx):
+        return [Rejection(p.id, "payler stopped while the spool was too full") for p in batch]
+    parts, unstorable = await isolate(
+        storage.store_batch, scheduled, "the spool cannot store it", metrics=ctx.metrics
     )
     invalid += unstorable
-    new = sum(stored)
+    stored = sum(parts, Stored())
     fault_point("after-store")
-    ctx.metrics.incr("spooled", new)
-    duplicates = len(scheduled) - len(unstorable) - new
-    if duplicates > 0:
-        ctx.metrics.incr("duplicates", duplicates)
-        # Expected after a crash (the source redelivers); otherwise a producer reuses ids.
+    ctx.metrics.incr("spooled", len(stored.new))
+    if stored.duplicates:
+        ctx.metrics.incr("duplicates", len(stored.duplicates))
+        # Expected after a crash: the source redelivers what it had not seen acknowledged.
         ctx.log.warning(
-            "%d of %d messages were not spooled again: their ids are in the spool already, or "
-            "were delivered within the dedupe window (a redelivery, or message ids reused)",
-            duplicates,
-            len(scheduled),
+            "%d of %d messages were not spooled again: the same message (same id, same "
+            "content) is in the spool already, or was delivered within the dedupe window "
+            "(a redelivery): %s",
+            len(stored.duplicates), len(scheduled), _some(stored.duplicates),
+        )  # fmt: skip
+    if stored.renamed:
+        # A producer reusing message ids: the new message is kept, under an id of its own.
+        ctx.log.warning(
+            "%d message(s) came with the id of a different message in the spool (pending, dead "
+            "or delivered within the dedupe window): spooled under derived ids: %s",
+            len(stored.renamed),
+            _some(f"{old} as {new}" for old, new in stored.renamed.items()),
         )
     return await _dead_letter_or_park(invalid, broker, storage, options.dead_letter_queue, ctx)
+
+
+#: How often a paused ingest looks at the spool's free space again (backoff, capped).
+ADMISSION_BACKOFF = Backoff(base_s=0.05, max_s=1.0)
+
+
+async def _admitted(storage: SpoolStorage, incoming_bytes: int, ctx: WorkflowContext) -> bool:
+    """Wait until the spool admits ``incoming_bytes`` more; False if stopping first.
+
+    Logs once at WARNING when ingest pauses, once at INFO when it resumes.
+    """
+    reason = await storage.admission(incoming_bytes)
+    if reason is None:
+        return True
+    ctx.log.warning(
+        "consuming paused: the spool cannot take more now (%s); messages wait in the source, "
+        "and delivering goes on, which frees space",
+        reason,
+    )
+    paused_ms, attempt = ctx.clock.now_ms(), 0
+    while reason is not None:
+        stopping = asyncio.ensure_future(ctx.stop.wait())
+        sleeping = asyncio.ensure_future(ctx.clock.sleep(ADMISSION_BACKOFF.delay_s(attempt)))
+        try:
+            await asyncio.wait([stopping, sleeping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            sleeping.cancel()
+        if ctx.stop.is_set():
+            return False
+        attempt += 1
+        reason = await storage.admission(incoming_bytes)
+    ctx.log.info(
+        "consuming resumed: the spool has room again (paused %.1f s)",
+        (ctx.clock.now_ms() - paused_ms) / 1000,
+    )
+    return True
+
+
+def _some(items: Iterable[str], shown: int = 10) -> str:
+    """The first ``shown`` of ``items``, comma-separated, and how many more there are."""
+    items = list(items)
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _scheduled(

@@ -17,12 +17,21 @@ after a crash between the store and the acknowledgement) keeps one entry.
   window (tombstones of delivered entries) are merged into one: only for producers whose
   messages are never identical. (aio-pika and aiormq give every publish a random message id,
   so their messages always take the first rule.)
+
+A message id can be *reused* by a producer for a different message. Every spool entry keeps a
+:func:`content_digest`: when a message comes with an id the spool already holds, the same digest
+means a redelivery (not spooled again), a different one a new message, spooled under
+:func:`derived_id`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
+
+from payler import codec
+from payler.payload import Payload
 
 
 def spool_id(scheme: str, source: str, message_id: str | None, body: bytes, meta_json: str) -> str:
@@ -44,3 +53,39 @@ def is_content_id(payload_id: str) -> bool:
 def random_spool_id(scheme: str, source: str) -> str:
     """A fresh id, for ``spool_id: random``."""
     return f"{scheme}:{source}:~{uuid.uuid4().hex}"
+
+
+#: Headers a broker adds or changes when it delivers a message again (RabbitMQ's quorum queues
+#: count deliveries): a redelivery is the same message, so they are no part of its content.
+REDELIVERY_HEADERS = frozenset({"x-delivery-count", "x-acquired-count"})
+#: How many hex digits of the content digest a derived id carries (64 bits).
+DERIVED_ID_DIGITS = 16
+
+
+def content_digest(payload: Payload) -> str:
+    """A SHA-256 of what makes a message itself: body, headers, properties and key.
+
+    Not the id, source, destination, due time or attempts (a redelivered message may be
+    scheduled differently), nor :data:`REDELIVERY_HEADERS`. Raises ``ValueError`` or
+    ``TypeError`` for headers no storage can hold (as :meth:`Payload.meta_json` does).
+    """
+    content = {
+        "headers": {k: v for k, v in payload.headers.items() if k not in REDELIVERY_HEADERS},
+        "properties": payload.properties.model_dump(exclude_none=True),
+        "key": payload.key,
+    }
+    # Sorted keys: the digest must not depend on the order a client happened to set headers.
+    text = json.dumps(codec.to_jsonable(content), sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(payload.body)
+    digest.update(b"\x00")
+    digest.update(text.encode())  # ensure_ascii (the default): lone surrogates cannot fail here
+    return digest.hexdigest()
+
+
+def derived_id(payload_id: str, digest: str) -> str:
+    """The id a message is spooled under when its own id names a *different* message already
+    spooled, dead or recently delivered (a producer reusing message ids): ``<id>~<digest>``.
+
+    Stable: the same reused message redelivered gets the same derived id, and is recognised.
+    """
+    return f"{payload_id}~{digest[:DERIVED_ID_DIGITS]}"

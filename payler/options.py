@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from payler.drivers import brokers, storages
+from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.urls import mask_url, scheme_of
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
@@ -74,6 +75,13 @@ class ProcessQueueOptions(_Options):
     #: digest: a redelivery is recognised, but identical messages within the dedupe window are
     #: merged into one). See payler/identity.py.
     spool_id: Literal["random", "content"] = "random"
+    #: The largest body spooled; a larger message is dead-lettered with the reason. None: the
+    #: storage's default (64 MiB; MongoDB 15 MiB), which is also as high as it may be set for
+    #: MongoDB (16 MiB documents); SQLite takes up to 1 GB, Redis up to 512 MiB.
+    max_body_bytes: int | None = Field(default=None, gt=0)
+    #: File-based storages (SQLite): below this many bytes free on the spool's file system,
+    #: consuming pauses (messages wait in the source) while delivering goes on. None: 64 MiB.
+    min_free_bytes: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +95,17 @@ class ProcessQueueOptions(_Options):
             if 1 <= prefetch < 100:
                 return {**data, "batch_size": prefetch}
         return data
+
+    @model_validator(mode="after")
+    def _body_limit_fits_the_storage(self) -> ProcessQueueOptions:
+        scheme = scheme_of(self.storage_url)
+        most = HARD_MAX_BODY_BYTES.get(scheme)
+        if self.max_body_bytes is not None and most is not None and self.max_body_bytes > most:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) is more than a {scheme}:// storage can "
+                f"hold ({most} bytes)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_prefetch(self) -> ProcessQueueOptions:

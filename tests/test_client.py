@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,19 +83,98 @@ async def test_spool_schedules_stores_and_dead_letters(
 
 
 async def test_spool_is_idempotent_by_id(
-    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     ctx = WorkflowContext("ingest", clock=clock)
     first = received(make_payload(b"v1", headers={"x-delay": 10}, payload_id="same"))
-    again = received(make_payload(b"v2", headers={"x-delay": 10}, payload_id="same"))
+    clock.advance(5_000)  # redelivered later: scheduled anew, still the same message
+    again = received(first, clock.now_ms())
 
     await client.spool([first], storage, broker, INGEST, ctx)
     await client.spool([again], storage, broker, INGEST, ctx)
 
     assert await storage.count() == 1
     stored = await storage.get("same")
-    assert stored is not None and stored.body == b"v1"
+    assert stored is not None and (stored.body, stored.due_ms) == (b"v1", START_MS + 10)
     assert ctx.metrics.totals["duplicates"] == 1
+    [warning] = [r.getMessage() for r in caplog.records if "not spooled again" in r.getMessage()]
+    assert warning.endswith(": same")  # the id, named
+
+
+async def test_a_reused_id_never_suppresses_a_different_message(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Defect 17: a dead-lettered entry's id blocked a later, different message with that id: it
+    # was acknowledged and never delivered nor dead-lettered, and no warning named the id.
+    ctx = WorkflowContext("ingest", clock=clock)
+    first = received(make_payload(b"v1", headers={"x-delay": 10}, payload_id="amqp:q:7"))
+    await client.spool([first], storage, broker, INGEST, ctx)
+    [claim] = await storage.claim_due(START_MS + 10, 10, 1_000)
+    assert await storage.dead_letter(claim, "unroutable")
+    reuse = received(make_payload(b"v2", headers={"x-delay": 10}, payload_id="amqp:q:7"))
+
+    assert await client.spool([reuse], storage, broker, INGEST, ctx) == []
+
+    [claim] = await storage.claim_due(START_MS + 10, 10, 1_000)
+    assert claim.payload.body == b"v2" and claim.payload.id.startswith("amqp:q:7~")
+    assert ctx.metrics.totals["spooled"] == 2 and "duplicates" not in ctx.metrics.totals
+    [warning] = [r.getMessage() for r in caplog.records if "derived ids" in r.getMessage()]
+    assert f"amqp:q:7 as {claim.payload.id}" in warning
+
+
+class CrampedStorage(MemoryStorage):
+    """A spool whose file system is too full until a test makes room (``room.set()``)."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.room = asyncio.Event()
+        self.asked: list[int] = []
+        self.asked_again = asyncio.Event()  # ingest is waiting: it asked, was told no, asks again
+
+    async def admission(self, incoming_bytes: int = 0) -> str | None:
+        self.asked.append(incoming_bytes)
+        if len(self.asked) > 2:
+            self.asked_again.set()
+        return None if self.room.is_set() else "4096 bytes free, below the watermark"
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+async def test_ingest_waits_while_the_spool_is_too_full_then_resumes(
+    broker: MemoryBroker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    caplog.set_level(logging.INFO)
+    async with CrampedStorage(f"memory://cramped-{uuid.uuid4().hex}", clock=clock) as cramped:
+        batch = [received(make_payload(b"x" * 10, headers={"x-delay": 5}, payload_id="m"))]
+        batch.append(received(make_payload(b"bad", headers={"x-delay": "soon"}, payload_id="d")))
+        spooling = asyncio.create_task(client.spool(batch, cramped, broker, INGEST, ctx))
+        await asyncio.wait_for(cramped.asked_again.wait(), 5)
+        assert not spooling.done() and await cramped.count() == 0  # held, not acknowledged
+        assert cramped.asked[0] == 10  # the bytes to store (the invalid message stores none)
+        cramped.room.set()
+        assert await asyncio.wait_for(spooling, 5) == []
+        assert await cramped.count() == 1
+    [paused] = messages(caplog, "consuming paused")
+    assert paused.levelno == logging.WARNING and "below the watermark" in paused.getMessage()
+    [resumed] = messages(caplog, "consuming resumed")
+    assert resumed.levelno == logging.INFO
+
+
+async def test_stopping_while_the_spool_is_too_full_hands_the_batch_back(
+    broker: MemoryBroker, clock: FakeClock
+) -> None:
+    ctx = WorkflowContext("ingest", clock=clock)
+    async with CrampedStorage(f"memory://cramped-{uuid.uuid4().hex}", clock=clock) as cramped:
+        batch = [received(make_payload(b"x", headers={"x-delay": 5}, payload_id=i)) for i in "ab"]
+        spooling = asyncio.create_task(client.spool(batch, cramped, broker, INGEST, ctx))
+        await asyncio.wait_for(cramped.asked_again.wait(), 5)
+        ctx.stop.set()
+        rejected = await asyncio.wait_for(spooling, 5)
+        assert [(r.payload_id, r.permanent) for r in rejected] == [("a", False), ("b", False)]
+        assert await cramped.count() == 0
 
 
 async def _watch_until(
@@ -436,6 +518,37 @@ workflows:
 
 class SmallStorage(MemoryStorage):
     max_body_bytes = 10
+
+
+async def test_max_body_bytes_sets_the_spool_limit_of_process_queue(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    options = INGEST.model_copy(update={"max_body_bytes": 10})
+    ctx = WorkflowContext("ingest", options=options, clock=clock)
+    broker.publish("payler-jobs", make_payload(b"x" * 11, headers={"x-delay": 5}))
+    broker.publish("payler-jobs", make_payload(b"x" * 10, headers={"x-delay": 5}))
+    workflow = asyncio.create_task(client.process_queue(ctx))
+    try:
+        [dead] = await broker.wait_for("payler-dead-letter", 1)
+    finally:
+        ctx.stop.set()
+        await asyncio.wait_for(workflow, 5)
+    assert "over the spool's limit of 10 bytes" in dead.headers[DEAD_LETTER_REASON]
+    assert await storage.count() == 1
+
+
+def test_a_body_limit_above_what_the_storage_holds_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "payler.yaml"
+    path.write_text(
+        "workflows:\n  - callable: client.process_queue\n    options:\n"
+        "      storage_url: mongodb://db/payler\n      max_body_bytes: 20000000\n"
+    )
+    with pytest.raises(config.ConfigError) as raised:
+        config.load(path)
+    assert str(path) in str(raised.value) and "max_body_bytes" in str(raised.value)
+    assert "more than a mongodb:// storage can hold (16777216 bytes)" in str(raised.value)
 
 
 async def test_a_body_too_large_for_the_spool_is_dead_lettered_at_ingest(

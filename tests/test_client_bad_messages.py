@@ -23,7 +23,7 @@ from payler.drivers.brokers.base import (
     DEAD_LETTER_SOURCE,
     DEAD_LETTER_TRUNCATED,
 )
-from payler.drivers.storages.base import SpoolStorage, WatchSettings
+from payler.drivers.storages.base import SpoolStorage, Stored, WatchSettings
 from payler.drivers.storages.sqlite import SQLiteStorage
 from payler.errors import TransientError
 from payler.options import ProcessQueueOptions, WatchStorageOptions
@@ -162,10 +162,10 @@ async def test_a_message_its_source_could_not_decode_is_dead_lettered_alone(
 class BuggyStorage(SQLiteStorage):
     """A storage with a bug for payloads whose body says so (a batch holding one fails)."""
 
-    async def store(self, batch: Sequence[Payload]) -> int:
+    async def store_batch(self, batch: Sequence[Payload]) -> Stored:  # what ingest calls
         if any(p.body == b"bug" for p in batch):
             raise AttributeError("'NoneType' object has no attribute 'encode'")
-        return await super().store(batch)
+        return await super().store_batch(batch)
 
 
 async def test_a_store_that_raises_for_one_payload_dead_letters_that_payload_alone(
@@ -189,7 +189,7 @@ async def test_a_store_that_raises_for_one_payload_dead_letters_that_payload_alo
 class BrokenStorage(SQLiteStorage):
     """A storage with a bug on every path: not one message's fault."""
 
-    async def store(self, batch: Sequence[Payload]) -> int:
+    async def store_batch(self, batch: Sequence[Payload]) -> Stored:
         raise TypeError("a bug for every payload")
 
 

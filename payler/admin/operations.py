@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -286,8 +287,12 @@ class Admin:
             due_ms=due_ms,
             created_ms=now_ms,
         )
+        # An idempotency key is the client's word that a request is one operation: the same key
+        # again schedules nothing, whatever it carries (so the key, not the content, is what the
+        # spool compares; without a key, the id is fresh anyway).
+        digests = [hashlib.sha256(payload_id.encode()).hexdigest()] if key else None
         async with self.storage() as storage:
-            created = await storage.store([payload]) == 1
+            created = bool((await storage.store_batch([payload], digests=digests)).new)
             if not created:
                 existing = await storage.get(payload_id)
                 due_ms = existing.due_ms if existing is not None else due_ms

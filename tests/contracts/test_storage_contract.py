@@ -20,10 +20,13 @@ import pytest
 
 from payler.clock import FakeClock
 from payler.drivers.storages import storage_from_url
-from payler.drivers.storages.base import Claim, SpoolStorage
+from payler.drivers.storages.base import Claim, SpoolStorage, Stored
 from payler.drivers.storages.memory import MemoryStorage
 from payler.drivers.storages.mongodb import MongoStorage
 from payler.drivers.storages.redis import RedisStorage
+from payler.drivers.storages.sqlite import SQLiteStorage
+from payler.errors import ConfigError
+from payler.identity import content_digest, derived_id
 from payler.payload import MessageProperties, Payload
 from tests.assertions import assert_same
 from tests.conftest import REDIS_URL
@@ -56,15 +59,138 @@ class StorageContract:
 
     # -- store -------------------------------------------------------------------------------------
 
+    async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
+        """Store ``stored`` as a payler without content digests did (each backend's way)."""
+        raise NotImplementedError
+
     async def test_store_is_idempotent_by_id(self, storage: SpoolStorage) -> None:
         assert await storage.store([payload("a", T0), payload("b", T0)]) == 2
-        changed = payload("a", T0 + 5, body=b"second version")
-        assert await storage.store([changed, payload("c", T0)]) == 1
+        # Redelivered: the same message, scheduled anew (its delay counted from its receipt).
+        again = payload("a", T0 + 5)
+        assert await storage.store([again, payload("c", T0)]) == 1
         assert await storage.store([payload("c", T0), payload("c", T0)]) == 0
         stored = await storage.get("a")
         assert stored is not None
         assert (stored.body, stored.due_ms) == (b"body of a", T0)
         assert await storage.count() == 3
+
+    async def test_a_reused_id_with_other_content_is_stored_under_a_derived_id(
+        self, storage: SpoolStorage
+    ) -> None:
+        # A producer reusing a message id for another message: not a duplicate, never dropped.
+        first = payload("a", T0)
+        reuse = payload("a", T0 + 5, body=b"another message")
+        derived = derived_id("a", content_digest(reuse))
+        assert await storage.store_batch([first]) == Stored(new=["a"])
+        assert await storage.store_batch([reuse]) == Stored(new=[derived], renamed={"a": derived})
+        got, original = await storage.get(derived), await storage.get("a")
+        assert got is not None and (got.id, got.body, got.due_ms) == (derived, reuse.body, T0 + 5)
+        assert original is not None and original.body == first.body
+        # Either one redelivered is recognised: neither is stored twice.
+        assert await storage.store_batch([reuse, first]) == Stored(duplicates=["a", "a"])
+        assert ids(await storage.claim_due(T0 + 5, 10, LEASE)) == ["a", derived]
+
+    async def test_two_messages_with_one_id_in_one_batch_are_both_stored(
+        self, storage: SpoolStorage
+    ) -> None:
+        one, two = payload("x", T0, body=b"one"), payload("x", T0, body=b"two")
+        derived = derived_id("x", content_digest(two))
+        stored = await storage.store_batch([one, two, one, two])
+        assert stored == Stored(new=["x", derived], duplicates=["x", "x"], renamed={"x": derived})
+        assert sorted(c.payload.body for c in await storage.claim_due(T0, 10, LEASE)) == [
+            b"one",
+            b"two",
+        ]
+
+    async def test_a_reused_id_is_told_apart_from_dead_and_delivered_entries(
+        self, storage: SpoolStorage
+    ) -> None:
+        await storage.store([payload("dead", T0), payload("done", T0)])
+        dead, done = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.dead_letter(dead, "unroutable")
+        assert await storage.ack([done]) == 1
+        # The same messages again (redelivered): duplicates, as always.
+        assert await storage.store([payload("dead", T0), payload("done", T0)]) == 0
+        # Other messages under these ids: new ones, delivered in their turn.
+        others = [payload("dead", T0, body=b"new 1"), payload("done", T0, body=b"new 2")]
+        stored = await storage.store_batch(others)
+        assert set(stored.renamed) == {"dead", "done"} and stored.new == list(
+            stored.renamed.values()
+        )
+        claimed = await storage.claim_due(T0, 10, LEASE)
+        assert sorted(c.payload.body for c in claimed) == [b"new 1", b"new 2"]
+        assert await storage.ack(claimed) == 2
+        assert await storage.store(others) == 0  # and their tombstones keep their copies out
+
+    async def test_headers_properties_and_key_are_content_a_delivery_count_is_not(
+        self, storage: SpoolStorage
+    ) -> None:
+        first = payload("m", T0, headers={"h": 1}, properties=MessageProperties(priority=1))
+        await storage.store([first])
+        # RabbitMQ's quorum queues count redeliveries in a header: still the same message.
+        redelivered = first.model_copy(update={"headers": {"h": 1, "x-delivery-count": 3}})
+        assert await storage.store_batch([redelivered]) == Stored(duplicates=["m"])
+        variants = [
+            first.model_copy(update={"headers": {"h": 2}}),
+            first.model_copy(update={"properties": MessageProperties(priority=2)}),
+            first.model_copy(update={"key": b"k"}),
+        ]
+        for variant in variants:
+            derived = derived_id("m", content_digest(variant))
+            assert await storage.store_batch([variant]) == Stored([derived], [], {"m": derived})
+        assert await storage.count() == 4
+
+    async def test_an_entry_stored_without_a_digest_counts_as_the_same_message(
+        self, storage: SpoolStorage
+    ) -> None:
+        # Entries of a spool written before digests were kept: a message with their id is
+        # taken for a redelivery, as payler always did (no duplicate delivery after an upgrade).
+        await self.write_without_digest(storage, payload("old", T0))
+        await self.write_without_digest(storage, payload("older", T0))
+        other = payload("old", T0, body=b"other content")
+        assert await storage.store_batch([other]) == Stored(duplicates=["old"])
+        claims = await storage.claim_due(T0, 10, LEASE)
+        assert [c.payload.body for c in claims] == [b"body of old", b"body of older"]
+        assert await storage.ack(claims[:1]) == 1
+        assert await storage.dead_letter(claims[1], "bad")
+        assert await storage.store([other, payload("older", T0, body=b"other")]) == 0
+
+    async def test_a_caller_may_say_what_makes_two_payloads_the_same(
+        self, storage: SpoolStorage
+    ) -> None:
+        # Ids that are idempotency keys: the same key is one operation, whatever it carries.
+        key = ["digest of the key"]
+        assert await storage.store_batch([payload("k", T0)], digests=key) == Stored(new=["k"])
+        other = payload("k", T0, body=b"another body, the same key")
+        assert await storage.store_batch([other], digests=key) == Stored(duplicates=["k"])
+        assert await storage.count() == 1
+        with pytest.raises(ValueError, match="one digest per payload"):
+            await storage.store_batch([other], digests=[])
+
+    async def test_parking_under_a_reused_id_keeps_both(self, storage: SpoolStorage) -> None:
+        await storage.store([payload("p", T0)])
+        other = payload("p", T0, body=b"refused everywhere")
+        [parked] = await storage.park([(other, "the dead-letter queue refused it")])
+        assert parked == derived_id("p", content_digest(other))
+        [again] = await storage.park([(other, "refused again")])  # the same message: beside it
+        assert again.startswith("p!dead-")
+        assert (await storage.count(), await storage.count(state="dead")) == (1, 2)
+
+    # -- limits --------------------------------------------------------------------------------
+
+    async def test_every_storage_has_a_body_size_limit_and_it_can_be_set(
+        self, storage: SpoolStorage
+    ) -> None:
+        hard = storage.hard_max_body_bytes
+        assert storage.max_body_bytes is not None
+        assert 0 < storage.max_body_bytes <= (hard or storage.max_body_bytes)
+        assert storage_from_url(storage.url, max_body_bytes=1234).max_body_bytes == 1234
+        for wrong in [0, -1] + ([] if hard is None else [hard + 1]):
+            with pytest.raises(ConfigError, match="max_body_bytes"):
+                storage_from_url(storage.url, max_body_bytes=wrong)
+
+    async def test_an_empty_spool_admits_a_batch(self, storage: SpoolStorage) -> None:
+        assert await storage.admission(1024) is None
 
     async def test_store_leaves_a_dead_entry_dead(self, storage: SpoolStorage) -> None:
         await storage.store([payload("a", T0)])
@@ -523,15 +649,22 @@ class TestMemoryStorage(StorageContract):
             yield s
         MemoryStorage.forget_all()
 
+    async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
+        assert isinstance(storage, MemoryStorage)
+        await storage.store([stored])
+        storage._entries[stored.id].digest = None
+
 
 class TestSQLiteStorage(StorageContract):
     @pytest.fixture
     def downgrade(self) -> Any:
         async def to_version_0(storage: SpoolStorage) -> None:
-            path = storage.url.partition(":///")[2]
+            assert isinstance(storage, SQLiteStorage)
+            path = storage.location.path  # the URL may carry a query (?locking=exclusive)
             await storage.close()
             db = sqlite3.connect(path, isolation_level=None)
             try:  # the table as payler 1.0.0.dev0 made it: no lookup columns, user_version 0
+                db.execute("PRAGMA journal_mode = WAL")  # as payler then left every file
                 db.execute("DROP INDEX spool_message_id")
                 db.execute("DROP INDEX spool_correlation_id")
                 db.execute("ALTER TABLE spool DROP COLUMN message_id")
@@ -546,6 +679,22 @@ class TestSQLiteStorage(StorageContract):
     async def storage(self, clock: FakeClock, tmp_path: Path) -> AsyncIterator[SpoolStorage]:
         pytest.importorskip("payler.drivers.storages.sqlite")
         async with storage_from_url(f"sqlite:///{tmp_path}/spool.db", clock=clock) as s:
+            yield s
+
+    async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
+        assert isinstance(storage, SQLiteStorage)
+        await storage.store([stored])
+        forget = "UPDATE spool SET digest = NULL WHERE id = ?"
+        await storage.file.write(lambda db: db.execute(forget, (stored.id,)))
+
+
+class TestExclusiveSQLiteStorage(TestSQLiteStorage):
+    """The SQLite file in WAL mode, kept to one process (``?locking=exclusive``)."""
+
+    @pytest.fixture
+    async def storage(self, clock: FakeClock, tmp_path: Path) -> AsyncIterator[SpoolStorage]:
+        url = f"sqlite:///{tmp_path}/spool.db?locking=exclusive"
+        async with storage_from_url(url, clock=clock) as s:
             yield s
 
 
@@ -565,6 +714,11 @@ class TestMongoStorage(StorageContract):
     async def storage(self, clock: FakeClock, mongodb_url: str) -> AsyncIterator[SpoolStorage]:
         async with storage_from_url(mongodb_url, clock=clock) as s:
             yield s
+
+    async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
+        assert isinstance(storage, MongoStorage)
+        await storage.store([stored])
+        await storage._spool.update_one({"_id": stored.id}, {"$unset": {"digest": ""}})
 
 
 @pytest.mark.redis
@@ -592,6 +746,11 @@ class TestRedisStorage(StorageContract):
                 keys = [key async for key in s.client.scan_iter(match=s.keys.match_all)]
                 if keys:
                     await s.client.delete(*keys)
+
+    async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
+        assert isinstance(storage, RedisStorage)
+        await storage.store([stored])
+        await storage.client.hdel(storage.keys.entry(stored.id), "digest")
 
 
 @pytest.mark.postgres

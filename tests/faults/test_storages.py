@@ -173,11 +173,6 @@ async def spooled_and_delivered(
     assert await wait_until(delivered, 60, "phase 1 delivered"), daemon.log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 7 defect 14: payler acknowledges messages into the unlinked SQLite file and "
-    "starts again on a fresh empty spool: those messages are lost",
-)
 async def test_sqlite_spool_directory_removed(
     node: RabbitNode,
     broker: Broker,

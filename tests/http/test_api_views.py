@@ -45,6 +45,23 @@ async def test_due_filters_and_the_histogram(start_daemon: Start) -> None:
     assert too_many.status_code == 400 and "at most 200 buckets" in too_many.json()["detail"]
 
 
+async def test_the_same_idempotency_key_schedules_once_whatever_it_carries(
+    start_daemon: Start,
+) -> None:
+    # The spool tells a redelivery from a reused id by content; an idempotency key is the
+    # client's word that two requests are one, so there the key decides.
+    daemon = await start_daemon()
+    first = {"destination": "out", "body": "v1", "idempotency_key": "k", "delay_ms": HOUR}
+    again = {**first, "body": "v2", "headers": {"retry": 1}}
+    created = await daemon.client.post("/v1/scheduled", json=first)
+    repeated = await daemon.client.post("/v1/scheduled", json=again)
+    assert (created.status_code, repeated.status_code) == (201, 200), repeated.text
+    assert created.json()["id"] == repeated.json()["id"] == "api:k"
+    assert repeated.json()["created"] is False
+    listed = (await daemon.client.get("/v1/scheduled")).json()["items"]
+    assert [(e["id"], e["body"]) for e in listed] == [("api:k", "v1")]
+
+
 async def test_dead_letters_by_reason_and_discard(start_daemon: Start) -> None:
     daemon = await start_daemon()
     daemon.broker.publish("payler-jobs", make_payload(b"bad", headers={"x-delay": "soon"}))

@@ -33,6 +33,18 @@ _BACKENDS: dict[str, tuple[str, str]] = {
 
 #: The URL schemes this module can open (plugins add theirs: :func:`known_schemes`).
 STORAGE_SCHEMES = tuple(_BACKENDS)
+#: The largest body each backend can hold at all: a ``max_body_bytes`` may not be set above it.
+#: SQLite: its SQLITE_MAX_LENGTH as built by default; MongoDB: a BSON document; Redis: a string
+#: (proto-max-bulk-len); PostgreSQL: a ``bytea`` value. The in-memory storage has none.
+HARD_MAX_BODY_BYTES: dict[str, int] = {
+    "sqlite": 1_000_000_000,
+    "mongodb": 16 * 1024 * 1024,
+    "mongodb+srv": 16 * 1024 * 1024,
+    "redis": 512 * 1024 * 1024,
+    "rediss": 512 * 1024 * 1024,
+    "postgresql": 1_000_000_000,  # a bytea value: at most 1 GB
+    "postgres": 1_000_000_000,
+}
 
 
 def known_schemes() -> tuple[str, ...]:
@@ -65,8 +77,22 @@ def storage_from_url(
     clock: Clock | None = None,
     metrics: Metrics | None = None,
     dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+    max_body_bytes: int | None = None,
+    min_free_bytes: int | None = None,
 ) -> SpoolStorage:
-    """The storage driver for ``url`` (not yet connected: use it as ``async with``)."""
+    """The storage driver for ``url`` (not yet connected: use it as ``async with``).
+
+    ``max_body_bytes`` and ``min_free_bytes`` override the backend's defaults (its
+    ``max_body_bytes``; ``min_free_bytes`` matters to file-based storages only); a limit above
+    what the backend can hold is a :class:`~payler.errors.ConfigError`.
+    """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     backend = _backend(scheme, url)
-    return backend(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)
+    return backend(
+        url,
+        clock=clock,
+        metrics=metrics,
+        dedupe_window_ms=dedupe_window_ms,
+        max_body_bytes=max_body_bytes,
+        min_free_bytes=min_free_bytes,
+    )

@@ -5,10 +5,19 @@ A spool entry is a :class:`~payler.payload.Payload` plus its bookkeeping: a *vis
 
 Contract (every backend passes ``tests/contracts/test_storage_contract.py``):
 
-- ``store(batch)``: durably stores the payloads, idempotently by ``id``: a payload whose id is
-  already stored (pending, dead, or a delivered entry's tombstone) is left as it is. Returns how
-  many were new. Returns only once
-  the write is durable (that is what lets a source be acknowledged).
+- ``store(batch)``: durably stores the payloads, idempotently by ``id`` *and content*. Every
+  entry keeps a digest of its content (:func:`~payler.identity.content_digest`: body, headers,
+  properties), pending, dead and tombstone alike. A payload whose id is already stored with the
+  same digest (or with none: an entry written before digests were kept) is a redelivery, left
+  as it is; one with a different digest is another message that reuses the id, stored under
+  :func:`~payler.identity.derived_id` (``<id>~<digest prefix>``). Returns how many were new;
+  :meth:`SpoolStorage.store_batch` says which, and what was renamed. Returns only once the write
+  is durable (that is what lets a source be acknowledged).
+- ``admission(incoming_bytes)``: whether the spool can take that much more now (``None``), or
+  why not (a file system below its free-space watermark). Ingest waits while it says why,
+  holding its batch unacknowledged; delivering goes on, and frees space.
+- ``max_body_bytes``: the largest body the storage takes (configurable, below the backend's
+  own hard limit); ingest dead-letters a larger message instead of storing it.
 - ``claim_due(now_ms, limit, lease_ms)``: atomically leases up to ``limit`` pending entries whose
   visibility time is ``<= now_ms``, earliest due first. A leased entry is invisible to other
   claimants until ``now_ms + lease_ms``; each claim carries a fresh fencing ``token``. Two
@@ -64,6 +73,9 @@ from typing import Literal, get_args
 
 from payler.clock import Clock, SystemClock
 from payler.drivers.base import BaseDriver, Handler, Rejection
+from payler.drivers.storages.dedupe import Stored
+from payler.errors import ConfigError
+from payler.identity import content_digest
 from payler.metrics import Metrics, lateness_ms
 from payler.payload import Payload
 
@@ -81,6 +93,10 @@ DEFAULT_DEDUPE_WINDOW_MS = 600_000
 SETTLE_TIMEOUT_S = 10.0
 #: How often ``claim_due`` purges expired tombstones.
 PURGE_INTERVAL_MS = 60_000
+#: The default body-size limit of every storage (a backend with a lower hard limit lowers it).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: The default free-space watermark of file-based storages: below it, ingest pauses.
+DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +167,14 @@ class SpoolStorage(BaseDriver):
 
     #: URL schemes this backend serves (``sqlite``, ``mongodb``, ...).
     schemes: tuple[str, ...] = ()
-    #: The largest body this backend can store (None: no limit below the broker's own). A
-    #: larger message is dead-lettered at ingest instead of failing its whole batch forever.
-    max_body_bytes: int | None = None
+    #: The largest body this storage takes (None: no limit below the broker's own); the
+    #: ``max_body_bytes`` argument overrides it. A larger message is dead-lettered at ingest,
+    #: with the reason, instead of failing its whole batch for ever.
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
+    #: The largest body the backend can hold at all: ``max_body_bytes`` may not be set above.
+    hard_max_body_bytes: int | None = None
+    #: A file-based storage pauses ingest below this many free bytes (see :meth:`admission`).
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
 
     def __init__(
         self,
@@ -162,23 +183,64 @@ class SpoolStorage(BaseDriver):
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+        max_body_bytes: int | None = None,
+        min_free_bytes: int | None = None,
     ) -> None:
         self.url = url
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
         self.dedupe_window_ms = dedupe_window_ms
+        if max_body_bytes is not None:
+            hard = self.hard_max_body_bytes
+            if max_body_bytes <= 0 or (hard is not None and max_body_bytes > hard):
+                most = "" if hard is None else f", at most {hard} ({type(self).__name__}'s limit)"
+                raise ConfigError(
+                    f"max_body_bytes {max_body_bytes}: expected a positive number of bytes{most}"
+                )
+            self.max_body_bytes = max_body_bytes
+        if min_free_bytes is not None:
+            if min_free_bytes < 0:
+                raise ConfigError(f"min_free_bytes {min_free_bytes}: expected 0 or more")
+            self.min_free_bytes = min_free_bytes
         self._next_purge_ms = 0
 
     # -- the contract ------------------------------------------------------------------------
 
     async def store(self, batch: Sequence[Payload]) -> int:
-        """Durably store ``batch``, idempotently by id; return how many were new."""
+        """Durably store ``batch``, idempotently by id and content; return how many were new."""
+        return len((await self.store_batch(batch)).new)
+
+    async def store_batch(
+        self, batch: Sequence[Payload], *, digests: Sequence[str] | None = None
+    ) -> Stored:
+        """Durably store ``batch``, idempotently by id and content; say what became of each.
+
+        ``digests`` (one per payload) tell a redelivery from a reused id: by default each
+        payload's :func:`~payler.identity.content_digest`. A caller whose ids are idempotency
+        keys (the same key is the same operation, whatever it carries) passes a digest of the
+        key instead. Raises ``ValueError``/``TypeError`` when a payload's headers cannot be
+        stored at all.
+        """
         if not batch:
-            return 0
+            return Stored()
+        if digests is None:
+            digests = [content_digest(p) for p in batch]
+        elif len(digests) != len(batch):
+            raise ValueError("one digest per payload")
         with self.metrics.timer("store_batch_seconds"):
-            stored = await self._store(batch)
+            stored = await self._store(batch, digests)
         _board.stored(self.url, min(p.due_ms for p in batch))
         return stored
+
+    async def admission(self, incoming_bytes: int = 0) -> str | None:
+        """``None`` if the spool can take ``incoming_bytes`` more now, else why not.
+
+        A file-based storage watches the free space of its file system (counting the room
+        freed inside the spool by delivered entries): below :attr:`min_free_bytes` it says so,
+        and ingest waits, its batch unacknowledged, while delivering goes on. Storages on a
+        server leave that to the server (a refused write is an outage, retried).
+        """
+        return None
 
     async def claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
         """Lease up to ``limit`` entries visible at ``now_ms``, earliest due first."""
@@ -211,10 +273,12 @@ class SpoolStorage(BaseDriver):
         ids = []
         for payload, reason in items:
             entry = payload.model_copy(update={"last_error": reason})
-            if not await self._store([entry], "dead"):  # the id is taken: park it beside
+            digests = [content_digest(entry)]
+            stored = await self._store([entry], digests, "dead")
+            if not stored.new:  # the id is taken by this very message: park it beside
                 entry.id = f"{payload.id}!dead-{new_token()[:12]}"
-                await self._store([entry], "dead")
-            ids.append(entry.id)
+                stored = await self._store([entry], digests, "dead")
+            ids += stored.new
         return ids
 
     async def next_visible_ms(self) -> int | None:
@@ -433,9 +497,13 @@ class SpoolStorage(BaseDriver):
         """Undo one :meth:`_start_wakeups` (a watch loop ends). Default: nothing."""
 
     @abstractmethod
-    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
-        """Insert the entries that are new by id, in ``state`` (``dead``: with the payload's
-        ``last_error`` as reason, never claimed); return how many were new."""
+    async def _store(
+        self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
+    ) -> Stored:
+        """Insert the entries that are new, in ``state`` (``dead``: with the payload's
+        ``last_error`` as reason, never claimed), each with its content digest (``digests[i]``
+        is ``batch[i]``'s); an id taken by other content goes under its derived id
+        (:func:`plan_store` is the rule)."""
 
     @abstractmethod
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> builtins.list[Claim]: ...
@@ -514,6 +582,8 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 __all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MIN_FREE_BYTES",
     "LOOKUP_FIELDS",
     "LOOKUP_LIMIT",
     "Claim",
@@ -521,6 +591,7 @@ __all__ = [
     "LookupField",
     "Page",
     "SpoolStorage",
+    "Stored",
     "WatchSettings",
     "decode_cursor",
     "encode_cursor",

@@ -21,6 +21,7 @@ from payler.drivers.storages.base import (
     encode_cursor,
     new_token,
 )
+from payler.drivers.storages.dedupe import Stored, candidate_ids, plan_store
 from payler.payload import Payload
 
 
@@ -30,6 +31,8 @@ class _Entry:
     visible_ms: int
     token: str | None = None
     state: EntryState | Literal["delivered"] = "pending"
+    #: The content digest (kept by tombstones too); None for an entry written without one.
+    digest: str | None = None
 
 
 class _Spool:
@@ -67,13 +70,15 @@ class MemoryStorage(SpoolStorage):
             return None
         return entry
 
-    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
-        new = 0
-        for payload in batch:
-            if payload.id not in self._entries:
-                self._entries[payload.id] = _Entry(payload, payload.due_ms, state=state)
-                new += 1
-        return new
+    async def _store(
+        self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
+    ) -> Stored:
+        entries = self._entries
+        taken = {i: entries[i].digest for i in candidate_ids(batch, digests) if i in entries}
+        inserts, stored = plan_store(batch, digests, taken)
+        for payload, digest in inserts:
+            entries[payload.id] = _Entry(payload, payload.due_ms, state=state, digest=digest)
+        return stored
 
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
         due = sorted(

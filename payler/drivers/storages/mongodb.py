@@ -4,7 +4,8 @@
 the collection ``payler_spool`` of DATABASE, ``payler`` when the URL names none. One document per
 entry: ``_id`` (the payload id), ``due_ms``, ``visible_ms``, ``token`` (``None`` when unleased),
 ``state`` (``pending``/``dead``), ``destination``, ``attempts``, ``last_error``, ``created_ms``,
-``body`` (binary) and ``meta`` (headers, properties and source as lossless JSON text).
+``body`` (binary), ``meta`` (headers, properties and source as lossless JSON text) and ``digest``
+(of the content; documents written by an older payler have none, and count as the same content).
 
 Durability: writes use the write concern of the URL. A replica set's default is ``w: majority``
 (journaled), which is what makes a returned ``store()`` durable; on a standalone server or with a
@@ -29,6 +30,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError, Writ
 
 from payler import codec
 from payler.clock import Clock
+from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
     LOOKUP_FIELDS,
@@ -41,6 +43,7 @@ from payler.drivers.storages.base import (
     encode_cursor,
     new_token,
 )
+from payler.drivers.storages.dedupe import Stored, candidate_ids, plan_store
 from payler.errors import StartupError, TransientError, transient_on
 from payler.metrics import Metrics
 from payler.payload import Payload
@@ -81,6 +84,7 @@ class MongoStorage(SpoolStorage):
     schemes = ("mongodb", "mongodb+srv")
     #: A BSON document is at most 16 MiB: the body, with room for the headers.
     max_body_bytes = 15 * 1024 * 1024
+    hard_max_body_bytes = HARD_MAX_BODY_BYTES["mongodb"]
 
     def __init__(
         self,
@@ -89,9 +93,18 @@ class MongoStorage(SpoolStorage):
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+        max_body_bytes: int | None = None,
+        min_free_bytes: int | None = None,
         server_selection_timeout_ms: int = 5000,
     ) -> None:
-        super().__init__(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)
+        super().__init__(
+            url,
+            clock=clock,
+            metrics=metrics,
+            dedupe_window_ms=dedupe_window_ms,
+            max_body_bytes=max_body_bytes,
+            min_free_bytes=min_free_bytes,
+        )
         self.server_selection_timeout_ms = server_selection_timeout_ms
         self._client: AsyncMongoClient[Doc] | None = None
         self._spool_collection: AsyncCollection[Doc] | None = None
@@ -137,10 +150,17 @@ class MongoStorage(SpoolStorage):
     # -- the hooks -------------------------------------------------------------------------------
 
     @_transient
-    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
+    async def _store(
+        self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
+    ) -> Stored:
+        found = self._spool.find({"_id": {"$in": candidate_ids(batch, digests)}}, {"digest": 1})
+        taken = {doc["_id"]: doc.get("digest") async for doc in found}
+        inserts, stored = plan_store(batch, digests, taken)
+        if not inserts:
+            return stored
         try:
-            result = await self._spool.insert_many(
-                [_to_doc(p, state) for p in batch], ordered=False
+            await self._spool.insert_many(
+                [_to_doc(p, state, digest) for p, digest in inserts], ordered=False
             )
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
@@ -151,9 +171,17 @@ class MongoStorage(SpoolStorage):
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != _DUPLICATE_KEY for e in errors):
                 raise
-            # Every error is a duplicate id: those entries were already stored (idempotency).
-            return int(exc.details.get("nInserted", 0))
-        return len(result.inserted_ids)
+            # Another instance stored these ids between our look-up and the insert: the same
+            # message redelivered to both, in all likelihood; its copy stays (a duplicate).
+            for error in errors:
+                payload = inserts[error["index"]][0]
+                original = next(
+                    (k for k, v in stored.renamed.items() if v == payload.id), payload.id
+                )
+                stored.new.remove(payload.id)
+                stored.renamed.pop(original, None)
+                stored.duplicates.append(original)
+        return stored
 
     @_transient
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
@@ -332,7 +360,7 @@ class MongoStorage(SpoolStorage):
             moved = [(d["_id"], p) for d in docs if (p := _from_legacy(d, now_ms)) is not None]
             skipped += len(docs) - len(moved)
             if moved:
-                await self._store([payload for _, payload in moved])
+                await self.store_batch([payload for _, payload in moved])
                 await legacy.delete_many({"_id": {"$in": [legacy_id for legacy_id, _ in moved]}})
                 imported += len(moved)
         if imported:
@@ -355,7 +383,7 @@ def _filter(destination: str | None, state: EntryState) -> Doc:
     return query
 
 
-def _to_doc(payload: Payload, state: EntryState = "pending") -> Doc:
+def _to_doc(payload: Payload, state: EntryState = "pending", digest: str | None = None) -> Doc:
     return {
         "_id": payload.id,
         "due_ms": payload.due_ms,
@@ -368,6 +396,7 @@ def _to_doc(payload: Payload, state: EntryState = "pending") -> Doc:
         "created_ms": payload.created_ms,
         "body": payload.body,
         "meta": payload.meta_json(),
+        "digest": digest,
         "message_id": payload.properties.message_id,
         "correlation_id": payload.properties.correlation_id,
     }

@@ -5,7 +5,8 @@ Every key of the spool starts with PREFIX, ``payler:`` by default, so several sp
 database; :mod:`payler.drivers.storages.redis_keys` lists the keys. The other query parameters are
 redis-py's (``ssl_cert_reqs``, ``socket_timeout``, ...).
 
-Each entry is a hash (the payload, its due, visibility and attempts, its state and lease token);
+Each entry is a hash (the payload, its due, visibility and attempts, its state, lease token and
+content digest);
 sorted sets index it by visibility time (what claims read) and by due time (what the admin
 listing reads, overall and per destination). Every operation that changes an entry is one Lua
 script, which Redis runs atomically: a claim takes up to ``limit`` visible entries, gives them a
@@ -13,7 +14,8 @@ fresh fencing token and moves their visibility to ``now + lease`` in one step, s
 never hold the same entry and no WATCH/MULTI retry loop is needed. A store, an ack of a whole
 batch, a retry or a dead-letter is likewise one script call, one round trip. An acked entry's
 hash is deleted; its id stays in a sorted set of tombstones, scored by when the dedupe window
-ends, which ``store`` consults and one ``ZREMRANGEBYSCORE`` purges.
+ends, and its digest in a hash beside it, which ``store`` consults (telling a redelivery from a
+reused id) and a script purges.
 
 **Durability is what the server's persistence gives**, no more: a store returns once Redis has
 the write in memory. Run Redis with ``appendonly yes`` and ``appendfsync always`` for a store that
@@ -45,6 +47,7 @@ from redis.exceptions import RedisError
 
 from payler import codec
 from payler.clock import Clock
+from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
     LOOKUP_FIELDS,
@@ -57,8 +60,10 @@ from payler.drivers.storages.base import (
     encode_cursor,
     new_token,
 )
+from payler.drivers.storages.dedupe import Stored
 from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
 from payler.errors import StartupError, is_transient, transient_on
+from payler.identity import derived_id
 from payler.metrics import Metrics
 from payler.payload import Payload
 from payler.urls import mask_url, redact
@@ -72,14 +77,17 @@ _RECORD = ("id", "body", "meta", "destination", "due_ms", "created_ms", "attempt
 _STORE_CHUNK = 1000
 _STORE_CHUNK_BYTES = 16 * 1024 * 1024
 
+#: Expired tombstones forgotten per purge script call (the purge loops): bounds the server's pause.
+_PURGE_CHUNK = 1000
+
 # -- the Lua scripts ----------------------------------------------------------------------------
-# Every script but the listing gets KEYS = (visible, due:pending, due:dead, delivered) and, as its
-# first ARGV, the key prefixes of entries and of the per-destination indexes; its own arguments
-# follow.
+# Every script but the listing gets KEYS = (visible, due:pending, due:dead, delivered,
+# delivered:digests) and, as its first ARGV, the key prefixes of entries and of the
+# per-destination indexes; its own arguments follow.
 
 _SPOOL = f"""
 local FIELDS = {{{", ".join(f"'{field}'" for field in _RECORD)}}}
-local VISIBLE, PENDING, DEAD, DELIVERED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local VISIBLE, PENDING, DEAD, DELIVERED, DIGESTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ENTRY, PENDING_TO, DEAD_TO = ARGV[1], ARGV[2], ARGV[3]
 -- The destination of an entry that is pending and leased under `token`; nil otherwise.
 local function held(entry, token)
@@ -124,17 +132,35 @@ end
 
 # ARGV[4]: the state of the new entries ('pending', or 'dead' to park them); ARGV[5..]: per
 # payload, id, body, meta, destination, due_ms, created_ms, attempts, has_error ('0'/'1'),
-# last_error, message_id, correlation_id ('' for none). An id already stored (pending, dead, or
-# a delivered entry's tombstone) is left as it is.
+# last_error, message_id, correlation_id ('' for none), digest, derived id. The rule of
+# payler/drivers/storages/dedupe.py: an id already stored (pending, dead, or a delivered entry's
+# tombstone) with the same digest, or none, is a duplicate, left as it is; with another digest,
+# the payload goes under its derived id (unless that is taken too: the same reuse, redelivered).
+# Returns, per payload, the id it was stored under, or '' for a duplicate.
 _STORE = """
-local new, state = 0, ARGV[4]
-for i = 5, #ARGV, 11 do
-  local id, destination, due = ARGV[i], ARGV[i + 3], ARGV[i + 4]
-  local entry = ENTRY .. id
-  if redis.call('EXISTS', entry) == 0 and not redis.call('ZSCORE', DELIVERED, id) then
+-- The digest stored under `id`: '' when the entry has none, nil when there is no such entry.
+local function stored_digest(id)
+  if redis.call('EXISTS', ENTRY .. id) == 1 then
+    return redis.call('HGET', ENTRY .. id, 'digest') or ''
+  end
+  if redis.call('ZSCORE', DELIVERED, id) then return redis.call('HGET', DIGESTS, id) or '' end
+  return nil
+end
+local out, state = {}, ARGV[4]
+for i = 5, #ARGV, 13 do
+  local id, destination, due, digest = ARGV[i], ARGV[i + 3], ARGV[i + 4], ARGV[i + 11]
+  local seen = stored_digest(id)
+  if seen and seen ~= '' and seen ~= digest then
+    id = ARGV[i + 12]
+    seen = stored_digest(id)
+  end
+  if seen then
+    out[#out + 1] = ''
+  else
+    local entry = ENTRY .. id
     redis.call('HSET', entry, 'id', id, 'body', ARGV[i + 1], 'meta', ARGV[i + 2],
       'destination', destination, 'due_ms', due, 'visible_ms', due,
-      'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', state)
+      'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', state, 'digest', digest)
     if ARGV[i + 7] == '1' then redis.call('HSET', entry, 'last_error', ARGV[i + 8]) end
     index_ids(id, entry, ARGV[i + 9], ARGV[i + 10])
     if state == 'dead' then
@@ -143,10 +169,10 @@ for i = 5, #ARGV, 11 do
     else
       pend(id, destination, due)
     end
-    new = new + 1
+    out[#out + 1] = id
   end
 end
-return new
+return out
 """
 
 # ARGV[4..7]: now, limit, lease end, token. Earliest visible first, ties by id.
@@ -169,21 +195,33 @@ return records
 """
 
 # ARGV[4]: when the tombstones may go; ARGV[5..]: id, token pairs. A delivered entry is deleted;
-# only its id stays, in the tombstones (keeping a redelivered copy out of `store`).
+# only its id (and digest) stays, in the tombstones (keeping a redelivered copy out of `store`).
 _ACK = """
 local settled = 0
 for i = 5, #ARGV, 2 do
   local id = ARGV[i]
   local destination = held(ENTRY .. id, ARGV[i + 1])
   if destination then
+    local digest = redis.call('HGET', ENTRY .. id, 'digest')
     unindex_ids(id, ENTRY .. id)
     redis.call('DEL', ENTRY .. id)
     unpend(id, destination)
     redis.call('ZADD', DELIVERED, ARGV[4], id)
+    if digest then redis.call('HSET', DIGESTS, id, digest) end
     settled = settled + 1
   end
 end
 return settled
+"""
+
+# ARGV[4..5]: now, how many to forget at most. Returns how many it forgot.
+_PURGE = """
+local ids = redis.call('ZRANGEBYSCORE', DELIVERED, '-inf', ARGV[4], 'LIMIT', 0, ARGV[5])
+for _, id in ipairs(ids) do
+  redis.call('ZREM', DELIVERED, id)
+  redis.call('HDEL', DIGESTS, id)
+end
+return #ids
 """
 
 # ARGV[4..7]: id, token, due_ms, reason.
@@ -299,6 +337,7 @@ class RedisStorage(SpoolStorage):
     """
 
     schemes = ("redis", "rediss")
+    hard_max_body_bytes = HARD_MAX_BODY_BYTES["redis"]
 
     def __init__(
         self,
@@ -307,14 +346,29 @@ class RedisStorage(SpoolStorage):
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+        max_body_bytes: int | None = None,
+        min_free_bytes: int | None = None,
         connect_timeout_s: float = 5.0,
     ) -> None:
-        super().__init__(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)
+        super().__init__(
+            url,
+            clock=clock,
+            metrics=metrics,
+            dedupe_window_ms=dedupe_window_ms,
+            max_body_bytes=max_body_bytes,
+            min_free_bytes=min_free_bytes,
+        )
         self.connect_timeout_s = connect_timeout_s
         self._redis_url, prefix = split_prefix(url)
         self.keys = keys = KeySpace(prefix)
         self._client: Redis | None = None
-        self._indexes = [keys.visible, keys.by_due("pending"), keys.by_due("dead"), keys.delivered]
+        self._indexes = [
+            keys.visible,
+            keys.by_due("pending"),
+            keys.by_due("dead"),
+            keys.delivered,
+            keys.delivered_digests,
+        ]
         self._key_prefixes = [
             keys.entry_prefix,
             keys.destination_prefix("pending"),
@@ -349,6 +403,7 @@ class RedisStorage(SpoolStorage):
         self._dead_script = script(_SPOOL + _DEAD_LETTER)
         self._reschedule_script = script(_SPOOL + _RESCHEDULE)
         self._cancel_script, self._list_script = script(_SPOOL + _CANCEL), script(_LIST)
+        self._purge_script = script(_SPOOL + _PURGE)
         try:
             await self._upgrade()
         except RedisError as exc:
@@ -405,17 +460,27 @@ class RedisStorage(SpoolStorage):
     # -- the hooks -------------------------------------------------------------------------------
 
     @_transient
-    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
-        new = 0
-        for chunk in _chunks(batch):
+    async def _store(
+        self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
+    ) -> Stored:
+        stored = Stored()
+        for start, end in _chunks(batch):
             args: list[str | int | bytes] = []
-            for p in chunk:
+            for p, digest in zip(batch[start:end], digests[start:end], strict=True):
                 error = (0, "") if p.last_error is None else (1, p.last_error)
                 args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
                 args += [p.attempts, *error]
                 args += [p.properties.message_id or "", p.properties.correlation_id or ""]
-            new += int(await self._run(self._store_script, state, *args))
-        return new
+                args += [digest, derived_id(p.id, digest)]
+            outcome = await self._run(self._store_script, state, *args)
+            for p, got in zip(batch[start:end], outcome, strict=True):
+                if not got:
+                    stored.duplicates.append(p.id)
+                    continue
+                stored.new.append(got.decode())
+                if got.decode() != p.id:
+                    stored.renamed[p.id] = got.decode()
+        return stored
 
     @_transient
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
@@ -431,7 +496,9 @@ class RedisStorage(SpoolStorage):
 
     @_transient
     async def _purge_tombstones(self, now_ms: int) -> None:
-        await self.client.zremrangebyscore(self.keys.delivered, "-inf", now_ms)
+        forgotten = _PURGE_CHUNK
+        while forgotten == _PURGE_CHUNK:  # a chunk at a time: the server pauses for none long
+            forgotten = int(await self._run(self._purge_script, now_ms, _PURGE_CHUNK))
 
     @_transient
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
@@ -540,15 +607,16 @@ class RedisStorage(SpoolStorage):
         return self.keys.by_destination(state, destination)
 
 
-def _chunks(batch: Sequence[Payload]) -> Iterator[Sequence[Payload]]:
-    """``batch`` in runs of at most ``_STORE_CHUNK`` payloads and about ``_STORE_CHUNK_BYTES``."""
+def _chunks(batch: Sequence[Payload]) -> Iterator[tuple[int, int]]:
+    """``batch`` in runs (start, end) of at most ``_STORE_CHUNK`` payloads and about
+    ``_STORE_CHUNK_BYTES``."""
     start, size = 0, 0
     for end, payload in enumerate(batch):
         if end > start and (end - start == _STORE_CHUNK or size > _STORE_CHUNK_BYTES):
-            yield batch[start:end]
+            yield start, end
             start, size = end, 0
         size += len(payload.body)
-    yield batch[start:]
+    yield start, len(batch)
 
 
 def _payload(record: Sequence[Any]) -> Payload:

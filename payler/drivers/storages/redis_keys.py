@@ -12,6 +12,7 @@ another spool's, or their keys could meet (``a:`` and ``a:entry:`` would).
 ``<prefix>due:pending:to:<destination>``    zset: one destination's pending entries by due ms
 ``<prefix>due:dead:to:<destination>``       zset: one destination's dead entries by due ms
 ``<prefix>delivered``                       zset: delivered entries' ids by tombstone expiry ms
+``<prefix>delivered:digests``               hash: delivered entry id → its content digest
 ``<prefix>by:message_id:<value>``           set: ids of the entries with that message id
 ``<prefix>by:correlation_id:<value>``       set: ids of the entries with that correlation id
 ``<prefix>schema``                          string: the version of this key layout
@@ -62,6 +63,11 @@ class KeySpace:
     def delivered(self) -> str:
         """The tombstones: ids of delivered entries, scored by when they may be forgotten."""
         return f"{self.prefix}delivered"
+
+    @property
+    def delivered_digests(self) -> str:
+        """The tombstones' content digests, by id (a tombstone of an older payler has none)."""
+        return f"{self.prefix}delivered:digests"
 
     def by_due(self, state: EntryState) -> str:
         """The entries in ``state``, scored by due ms (listing and counting)."""

@@ -1,26 +1,46 @@
 """The embedded default storage: one SQLite file, no server to run.
 
 ``sqlite:///payler-spool.db`` is a path relative to the working directory,
-``sqlite:////var/lib/payler/spool.db`` an absolute one. The file is opened in WAL mode with
-``synchronous=FULL``: a store returns only once the commit is on disk, which is what lets the
-source be acknowledged. Several payler processes on one host may share the file: every claim is a
-single ``UPDATE ... RETURNING`` statement, which SQLite runs under its write lock, so two
-claimants never lease the same entry. (Not on a network file system: SQLite's locks need a local
-disk.)
+``sqlite:////var/lib/payler/spool.db`` an absolute one; the query may add ``locking=`` and
+``busy_timeout_ms=`` (how long a writer waits for another's lock: 10 s). Every write is one
+transaction with ``synchronous=FULL``: a store returns only once the commit is on disk, which is
+what lets the source be acknowledged.
+
+Nothing of the spool is memory-mapped, so a file made unwritable under payler is an error that
+says so, never a SIGBUS (:mod:`payler.drivers.storages.sqlite_file` says why, and how the file is
+watched: a store into a file that was removed or replaced is an outage, never an
+acknowledgement). Two ways to run the file:
+
+- ``locking=shared`` (the default): a rollback journal (``PERSIST``). Several payler processes on
+  one host may share the file, and other programs may read it meanwhile (the ``sqlite3`` shell,
+  payler's own admin commands): every claim is a single ``UPDATE ... RETURNING`` statement under
+  SQLite's write lock, so two claimants never lease the same entry.
+- ``locking=exclusive``: WAL, with its index in this process's memory. About twice the write
+  throughput; the file is this process's alone while it runs.
+
+Not on a network file system: SQLite's locks need a local disk. The workflows of one process
+share one connection per file.
+
+Free space: below ``min_free_bytes`` free on the spool's file system (counting the room that
+delivered entries freed inside the file), :meth:`SQLiteStorage.admission` tells ingest to wait,
+while delivering goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
+import contextlib
+import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
-import aiosqlite
-
+from payler.clock import Clock
+from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.drivers.storages.base import (
+    DEFAULT_DEDUPE_WINDOW_MS,
     Claim,
     EntryState,
     LookupField,
@@ -30,11 +50,17 @@ from payler.drivers.storages.base import (
     encode_cursor,
     new_token,
 )
-from payler.errors import ConfigError, StartupError, TransientError
+from payler.drivers.storages.dedupe import Stored, candidate_ids, plan_store
+from payler.drivers.storages.sqlite_file import DEFAULT_BUSY_TIMEOUT_MS, SpoolFile, acquire
+from payler.errors import ConfigError
+from payler.metrics import Metrics
 from payler.payload import Payload
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS spool (
+log = logging.getLogger("payler.storage.sqlite")
+
+# Each statement on its own (not a script): they run inside the transaction that opens the file.
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS spool (
     id          TEXT PRIMARY KEY,
     due_ms      INTEGER NOT NULL,
     visible_ms  INTEGER NOT NULL,
@@ -45,134 +71,176 @@ CREATE TABLE IF NOT EXISTS spool (
     last_error  TEXT,
     created_ms  INTEGER NOT NULL,
     body        BLOB NOT NULL,
-    meta        TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS spool_visible ON spool (state, visible_ms);
-CREATE INDEX IF NOT EXISTS spool_due ON spool (state, due_ms, id);
-CREATE INDEX IF NOT EXISTS spool_destination ON spool (state, destination, due_ms, id);
-"""
-#: The lookup columns, added to spools made before them (``PRAGMA user_version`` 0 → 1), and
-#: filled from each entry's metadata then: ALTER TABLE ADD COLUMN keeps old files working.
+    meta        TEXT NOT NULL,
+    digest      TEXT
+)""",
+    "CREATE INDEX IF NOT EXISTS spool_visible ON spool (state, visible_ms)",
+    "CREATE INDEX IF NOT EXISTS spool_due ON spool (state, due_ms, id)",
+    "CREATE INDEX IF NOT EXISTS spool_destination ON spool (state, destination, due_ms, id)",
+]
+#: The version of the schema this module writes (``PRAGMA user_version``). Each later version
+#: only adds (columns, indexes), so a file stays usable by the payler that made it; a file made
+#: before is brought up to it when opened, by whichever process opens it first.
+#: 1: the lookup columns (message and correlation ids), filled from each entry's metadata.
+#: 2: the content digest (entries stored before have none: the same message, for ``store``).
+_SCHEMA_VERSION = 2
 _LOOKUP_COLUMNS = ("message_id", "correlation_id")
-_SCHEMA_VERSION = 1
 _LOOKUP_INDEXES = (
     "CREATE INDEX IF NOT EXISTS spool_message_id ON spool (message_id)",
     "CREATE INDEX IF NOT EXISTS spool_correlation_id ON spool (correlation_id)",
 )
 _PAYLOAD_COLUMNS = "id, body, meta, destination, due_ms, created_ms, attempts, last_error"
-#: How long a writer waits for another process's write lock before giving up (a transient error).
-_BUSY_TIMEOUT_MS = 10_000
+#: The token of an unleased entry: as long as a real one (never equal: not hex). A row whose size
+#: does not change is updated in place, its overflow pages untouched (SQLite 3.23+); with NULL
+#: there, every claim would rewrite the whole body into the WAL: as many bytes written (and
+#: free on the disk) as the entries hold, for a claim.
+_UNLEASED = "-" * len(new_token())
+#: Ids looked up per statement (well below SQLite's limit on bound parameters).
+_LOOKUP_CHUNK = 500
 
 
-def path_of(url: str) -> Path:
-    """The file a ``sqlite://`` URL names."""
-    rest = url.partition("://")[2]
+@dataclass(frozen=True, slots=True)
+class SQLiteURL:
+    """What a ``sqlite://`` URL says: the file, and how it is shared."""
+
+    path: Path
+    shared: bool = True
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS
+
+
+def parse_url(url: str) -> SQLiteURL:
+    """Read a ``sqlite:///path[?locking=shared|exclusive&busy_timeout_ms=N]`` URL."""
+    rest, _, query = url.partition("://")[2].partition("?")
     if not rest.startswith("/") or rest == "/":
         raise ConfigError(
             f"storage URL {url!r}: expected sqlite:///relative/path.db or sqlite:////absolute/path.db"
         )
-    return Path(rest[1:])
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = set(options) - {"locking", "busy_timeout_ms"}
+    locking = options.get("locking", "shared")
+    timeout = options.get("busy_timeout_ms", str(DEFAULT_BUSY_TIMEOUT_MS))
+    if unknown or locking not in ("exclusive", "shared") or not timeout.isdigit():
+        raise ConfigError(
+            f"storage URL {url!r}: the query may only say locking=shared (the default) or "
+            "locking=exclusive, and busy_timeout_ms=<milliseconds>"
+        )
+    return SQLiteURL(Path(rest[1:]), locking == "shared", int(timeout))
+
+
+def path_of(url: str) -> Path:
+    """The file a ``sqlite://`` URL names."""
+    return parse_url(url).path
 
 
 class SQLiteStorage(SpoolStorage):
     """The spool in a SQLite file; see :class:`~payler.drivers.storages.base.SpoolStorage`."""
 
     schemes = ("sqlite",)
-    _db: aiosqlite.Connection | None = None
+    hard_max_body_bytes = HARD_MAX_BODY_BYTES["sqlite"]
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+        max_body_bytes: int | None = None,
+        min_free_bytes: int | None = None,
+    ) -> None:
+        super().__init__(
+            url,
+            clock=clock,
+            metrics=metrics,
+            dedupe_window_ms=dedupe_window_ms,
+            max_body_bytes=max_body_bytes,
+            min_free_bytes=min_free_bytes,
+        )
+        self.location = parse_url(url)
+        self._file: SpoolFile | None = None
 
     async def connect(self) -> None:
-        path = path_of(self.url)
-        deadline = asyncio.get_running_loop().time() + _BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                # Prepared with plain sqlite3 in a thread first: a file that cannot be opened then
-                # fails here, before aiosqlite starts a thread of its own that could outlive us.
-                await asyncio.to_thread(_prepare, path)
-                break
-            except (OSError, sqlite3.Error) as exc:
-                # Switching a new file to WAL takes an exclusive lock that SQLite's busy handler
-                # does not wait for: two workflows opening one new spool together collide here.
-                locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-                if not locked or asyncio.get_running_loop().time() > deadline:
-                    raise StartupError(
-                        f"cannot open the SQLite spool {str(path)!r}: {exc}"
-                    ) from exc
-                await asyncio.sleep(0.01 + random.random() * 0.05)
-        try:
-            # isolation_level=None: we open transactions ourselves, so each one is explicit.
-            self._db = await aiosqlite.connect(path, isolation_level=None)
-            await self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            await self._db.execute("PRAGMA synchronous = FULL")
-        except (OSError, sqlite3.Error) as exc:
-            await self.close()
-            raise StartupError(f"cannot open the SQLite spool {str(path)!r}: {exc}") from exc
+        """Open the file (or share this process's open one): creates the folder, the file and
+        the schema, upgrades an older schema, and logs which it was: a new, empty spool
+        (WARNING) or an existing one with its pending entries (INFO).
+
+        Raises :class:`~payler.errors.StartupError` naming the path and what is wrong.
+        """
+        where = self.location
+        self._file = await acquire(
+            where.path,
+            shared=where.shared,
+            busy_timeout_ms=where.busy_timeout_ms,
+            setup=lambda db: _set_up(db, where.path),
+        )
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        spool_file, self._file = self._file, None
+        if spool_file is not None:
+            await spool_file.release()
 
     @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def file(self) -> SpoolFile:
+        """The open spool file (shared with the other storages of this process that name it)."""
+        if self._file is None:
             raise RuntimeError("the SQLite storage is not connected (use it as `async with`)")
-        return self._db
+        return self._file
 
-    async def _changes(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+    async def _changes(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         """Run ``sql`` for each row in one durable transaction; return the rows it changed."""
-        db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+
+        def work(db: sqlite3.Connection) -> int:
             before = db.total_changes
-            await db.executemany(sql, rows)
-            changed = db.total_changes - before
-            await db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise TransientError(f"SQLite spool: {exc}") from exc
-        return changed
+            db.executemany(sql, rows)
+            return db.total_changes - before
 
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return await self.file.write(work)
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (atomic on its own) and fetch what it returns."""
-        try:
-            async with self.db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.OperationalError as exc:
-            raise TransientError(f"SQLite spool: {exc}") from exc
+        return await self.file.read(lambda db: db.execute(sql, params).fetchall())
 
-    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
-        return await self._changes(
-            "INSERT OR IGNORE INTO spool (id, state, due_ms, visible_ms, destination, attempts,"
-            " last_error, created_ms, body, meta, message_id, correlation_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    p.id,
-                    state,
-                    p.due_ms,
-                    p.due_ms,
-                    p.destination,
-                    p.attempts,
-                    p.last_error,
-                    p.created_ms,
-                    p.body,
-                    p.meta_json(),
-                    p.properties.message_id,
-                    p.properties.correlation_id,
-                )
-                for p in batch
-            ],
+    async def admission(self, incoming_bytes: int = 0) -> str | None:
+        # A batch may take its size twice: in the WAL (or the rollback journal), then in the file.
+        need = self.min_free_bytes + 2 * incoming_bytes
+        spool_file = self.file
+
+        def measure(db: sqlite3.Connection) -> tuple[int, int]:
+            free, reusable = spool_file.free_bytes(), _reusable(db)
+            if free + reusable - spool_file.wal_bytes() < need:
+                # The next checkpoint copies the WAL's pages into the file, which may grow by
+                # as much at once: when that could matter, checkpoint now and measure after.
+                with contextlib.suppress(sqlite3.OperationalError):  # full: it says so below
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                free, reusable = spool_file.free_bytes(), _reusable(db)
+            return free, reusable
+
+        free, reusable = await spool_file.read(measure)
+        if free + reusable >= need:
+            return None
+        return (
+            f"{free} bytes free on the file system of {str(self.location.path)!r} and "
+            f"{reusable} reusable inside the spool: storing {incoming_bytes} more bytes (which "
+            "may take twice that, journal and file) would leave less than the watermark of "
+            f"{self.min_free_bytes} bytes (min_free_bytes)"
         )
+
+    async def _store(
+        self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
+    ) -> Stored:
+        return await self.file.write(lambda db: _insert(db, batch, digests, state))
 
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
         token = new_token()
-        rows = await self._one(
+        claim = (
             f"UPDATE spool SET token = ?, visible_ms = ? WHERE id IN ("
             "  SELECT id FROM spool WHERE state = 'pending' AND visible_ms <= ?"
             "  ORDER BY visible_ms LIMIT ?"
-            f") RETURNING {_PAYLOAD_COLUMNS}",
-            (token, now_ms + lease_ms, now_ms, limit),
+            f") RETURNING {_PAYLOAD_COLUMNS}"
+        )
+        # A write like any other: it fails, as an outage, once the file is no longer the path's.
+        rows = await self.file.write(
+            lambda db: db.execute(claim, (token, now_ms + lease_ms, now_ms, limit)).fetchall()
         )
         payloads = sorted((_payload(row) for row in rows), key=lambda p: (p.due_ms, p.id))
         return [Claim(p, token) for p in payloads]
@@ -193,19 +261,19 @@ class SQLiteStorage(SpoolStorage):
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
         return bool(
             await self._changes(
-                "UPDATE spool SET due_ms = ?, visible_ms = ?, token = NULL,"
+                "UPDATE spool SET due_ms = ?, visible_ms = ?, token = ?,"
                 " attempts = attempts + 1, last_error = ?"
                 " WHERE id = ? AND token = ? AND state = 'pending'",
-                [(due_ms, due_ms, reason, claim.payload.id, claim.token)],
+                [(due_ms, due_ms, _UNLEASED, reason, claim.payload.id, claim.token)],
             )
         )
 
     async def _dead_letter(self, claim: Claim, reason: str) -> bool:
         return bool(
             await self._changes(
-                "UPDATE spool SET state = 'dead', token = NULL, last_error = ?"
+                "UPDATE spool SET state = 'dead', token = ?, last_error = ?"
                 " WHERE id = ? AND token = ? AND state = 'pending'",
-                [(reason, claim.payload.id, claim.token)],
+                [(_UNLEASED, reason, claim.payload.id, claim.token)],
             )
         )
 
@@ -308,55 +376,105 @@ class SQLiteStorage(SpoolStorage):
     async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
         return bool(
             await self._changes(
-                "UPDATE spool SET due_ms = ?, visible_ms = ?, token = NULL, state = 'pending'"
+                "UPDATE spool SET due_ms = ?, visible_ms = ?, token = ?, state = 'pending'"
                 " WHERE id = ? AND state != 'delivered'",
-                [(due_ms, due_ms, payload_id)],
+                [(due_ms, due_ms, _UNLEASED, payload_id)],
             )
         )
 
 
-def _prepare(path: Path) -> None:
-    """Create the folder, the file and the schema, and switch the file to WAL (persistent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None)
+def _set_up(db: sqlite3.Connection, path: Path) -> None:
+    """Create or upgrade the schema (in one transaction); log whether the spool is new."""
+    db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.executescript(_SCHEMA)
+        found = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spool'"
+        created = db.execute(found).fetchone() is None
+        for statement in _SCHEMA:
+            db.execute(statement)
         _upgrade(db)
-    finally:
-        db.close()
+        counts = dict(db.execute("SELECT state, COUNT(*) FROM spool GROUP BY state").fetchall())
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    if created:
+        log.warning("created a new, empty spool at %s; if one existed here, it is gone", path)
+    else:
+        log.info(
+            "opened the spool at %s: %d pending entries, %d dead",
+            path, counts.get("pending", 0), counts.get("dead", 0),
+        )  # fmt: skip
 
 
 def _upgrade(db: sqlite3.Connection) -> None:
-    """Add what later versions of the schema have to a spool file made before them.
-
-    Additive only (new columns, new indexes), in one transaction, so that a file stays usable
-    by the payler that made it; run by whichever process opens the file first.
-    """
-    if db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+    """Add what later versions of the schema have to a spool file made before them (inside the
+    caller's transaction)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version >= _SCHEMA_VERSION:
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:  # not raced
-            columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
-            for column in _LOOKUP_COLUMNS:
-                if column not in columns:
-                    db.execute(f"ALTER TABLE spool ADD COLUMN {column} TEXT")
-            # Entries stored before: their ids from their metadata (skipping unreadable ones).
-            db.execute(
-                "UPDATE spool SET"
-                " message_id = json_extract(meta, '$.properties.message_id'),"
-                " correlation_id = json_extract(meta, '$.properties.correlation_id')"
-                " WHERE state != 'delivered' AND json_valid(meta)"
+    columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
+    if version < 1:
+        for column in _LOOKUP_COLUMNS:
+            if column not in columns:
+                db.execute(f"ALTER TABLE spool ADD COLUMN {column} TEXT")
+        # Entries stored before: their ids from their metadata (skipping unreadable ones).
+        db.execute(
+            "UPDATE spool SET"
+            " message_id = json_extract(meta, '$.properties.message_id'),"
+            " correlation_id = json_extract(meta, '$.properties.correlation_id')"
+            " WHERE state != 'delivered' AND json_valid(meta)"
+        )
+        for statement in _LOOKUP_INDEXES:
+            db.execute(statement)
+    if version < 2 and "digest" not in columns:  # a new file has it from CREATE TABLE
+        db.execute("ALTER TABLE spool ADD COLUMN digest TEXT")
+    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+
+def _insert(
+    db: sqlite3.Connection, batch: Sequence[Payload], digests: Sequence[str], state: EntryState
+) -> Stored:
+    """Store what is new of ``batch`` (inside the caller's write transaction)."""
+    candidates = candidate_ids(batch, digests)
+    taken: dict[str, str | None] = {}
+    for start in range(0, len(candidates), _LOOKUP_CHUNK):
+        chunk = candidates[start : start + _LOOKUP_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        taken.update(db.execute(f"SELECT id, digest FROM spool WHERE id IN ({marks})", chunk))
+    inserts, stored = plan_store(batch, digests, taken)
+    db.executemany(
+        "INSERT INTO spool (id, token, state, due_ms, visible_ms, destination, attempts,"
+        " last_error, created_ms, body, meta, digest, message_id, correlation_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                p.id,
+                _UNLEASED,
+                state,
+                p.due_ms,
+                p.due_ms,
+                p.destination,
+                p.attempts,
+                p.last_error,
+                p.created_ms,
+                p.body,
+                p.meta_json(),
+                digest,
+                p.properties.message_id,
+                p.properties.correlation_id,
             )
-            for statement in _LOOKUP_INDEXES:  # not executescript: it would commit
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
+            for p, digest in inserts
+        ],
+    )
+    return stored
+
+
+def _reusable(db: sqlite3.Connection) -> int:
+    """Bytes free inside the file: pages that delivered entries left, which stores reuse."""
+    (pages,) = db.execute("PRAGMA freelist_count").fetchone()
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    return int(pages) * int(page_size)
 
 
 def _entry_state(value: object) -> EntryState:

@@ -19,9 +19,10 @@ from redis.asyncio import Redis
 from payler.clock import FakeClock
 from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import PURGE_INTERVAL_MS
-from payler.drivers.storages.redis import RedisStorage, split_prefix
+from payler.drivers.storages.redis import _PURGE_CHUNK, RedisStorage, split_prefix
 from payler.drivers.storages.redis_keys import KeySpace
 from payler.errors import StartupError, TransientError
+from payler.identity import content_digest
 from payler.payload import Payload
 from tests.conftest import RedisServers, fail_over, wait_for_role
 
@@ -106,10 +107,12 @@ async def test_claims_are_atomic_across_instances(new_url: Callable[[], str]) ->
 
 async def test_what_redis_holds(storage: RedisStorage, raw: Redis) -> None:
     keys = storage.keys
-    await storage.store([payload("a", T0 + 5, "x")])
+    stored = payload("a", T0 + 5, "x")
+    await storage.store([stored])
     entry = await raw.hgetall(keys.entry("a"))
     due = str(T0 + 5).encode()
     assert {k: v for k, v in entry.items() if k != b"meta"} == {
+        b"digest": content_digest(stored).encode(),
         b"id": b"a",
         b"body": b"a",
         b"destination": b"x",
@@ -133,7 +136,9 @@ async def test_what_redis_holds(storage: RedisStorage, raw: Redis) -> None:
     assert left == [keys.schema.encode()]  # nothing left over but the layout's version
 
 
-async def test_a_delivered_entry_leaves_only_its_id(storage: RedisStorage, raw: Redis) -> None:
+async def test_a_delivered_entry_leaves_only_its_id_and_digest(
+    storage: RedisStorage, raw: Redis
+) -> None:
     keys = storage.keys
     await storage.store([payload("a")])
     claims = await storage.claim_due(T0, 10, LEASE)
@@ -141,14 +146,28 @@ async def test_a_delivered_entry_leaves_only_its_id(storage: RedisStorage, raw: 
     assert await storage.ack(claims) == 1
     until = T0 + 1 + storage.dedupe_window_ms
     assert await raw.zrange(keys.delivered, 0, -1, withscores=True) == [(b"a", until)]
+    digest = content_digest(payload("a")).encode()
+    assert await raw.hgetall(keys.delivered_digests) == {b"a": digest}
     assert await raw.exists(keys.entry("a")) == 0
     assert (await storage.get("a"), await storage.count()) == (None, 0)
     assert await storage.store([payload("a")]) == 0  # a redelivered copy stays out
     assert await storage.claim_due(until - 1, 10, LEASE) == []  # purges, but it is not expired
     assert await storage.store([payload("a")]) == 0
     await storage.claim_due(until - 1 + PURGE_INTERVAL_MS, 10, LEASE)  # the next purge
-    assert await raw.exists(keys.delivered) == 0
+    assert await raw.exists(keys.delivered, keys.delivered_digests) == 0
     assert await storage.store([payload("a")]) == 1
+
+
+async def test_a_purge_forgets_every_expired_tombstone_a_chunk_at_a_time(
+    storage: RedisStorage, raw: Redis
+) -> None:
+    total = 2 * _PURGE_CHUNK + 7
+    storage.clock = FakeClock(T0)
+    await storage.store([payload(f"m{i}") for i in range(total)])
+    assert await storage.ack(await storage.claim_due(T0, total, LEASE)) == total
+    assert await raw.hlen(storage.keys.delivered_digests) == total
+    await storage.claim_due(T0 + storage.dedupe_window_ms + PURGE_INTERVAL_MS, 10, LEASE)
+    assert await raw.exists(storage.keys.delivered, storage.keys.delivered_digests) == 0
 
 
 async def snapshot(raw: Redis, keys: KeySpace, payload_id: str) -> dict[str, Any]:
