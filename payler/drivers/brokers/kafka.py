@@ -49,7 +49,8 @@ As a source (:mod:`~payler.drivers.brokers.kafka_source`):
   the workflow and consumption resumes from the committed offsets.
 - Rebalances wait for the batch in hand: the listener takes the same lock as handling does, so a
   batch is handled and committed before its partitions are revoked. Partitions no longer ours
-  when a batch is done are not committed: their new owner consumes those records again.
+  when a batch is done are not committed: their new owner consumes those records again. Each
+  assignment is logged (one INFO line: which partitions this member reads).
 - A member that misses its heartbeats for ``session_timeout_ms`` with a batch in hand (the
   process paused, the machine overloaded) is dropped from the group, which goes on without it.
   When it comes back, its commit is refused (``CommitFailedError``): not an outage, so

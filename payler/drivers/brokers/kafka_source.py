@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import (  # type: ignore[import-untyped]  # aiokafka ships no type hints
@@ -333,5 +333,12 @@ class _BatchGuard(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka 
             for tp in revoked:
                 self.source._next.pop(tp, None)
 
-    async def on_partitions_assigned(self, assigned: object) -> None:
+    async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         self.source.stale = True  # the topic may have been recreated meanwhile
+        # One line per rebalance: which member reads what, for whoever runs many instances.
+        partitions = sorted(tp.partition for tp in assigned)
+        log.info(
+            "consuming partition(s) %s of topic %r in group %r",
+            ", ".join(map(str, partitions)) or "none", self.source.topic,
+            self.source.broker.settings.group,
+        )  # fmt: skip
