@@ -5,6 +5,7 @@ tested against kills, signals, broker and storage outages, failovers and fuzzed 
   may stop, kill and fail over; the shared ones are never touched.
 - ``harness.py``: payler as a daemon (the CLI, in a subprocess), the test's broker client, the
   exact count of every message by id, and the table's rows.
+- ``kafka.py``: Kafka topics read in the background, from their beginning.
 - ``fuzzing.py``: hypothesis strategies of AMQP messages, Kafka records and stream entries, and
   what "delivered intact" means for each.
 - ``test_*.py``: the scenarios; each appends its row (``record``), which ``benchmarks/soak.py``

@@ -34,10 +34,21 @@ class Size:
     repeats: int
     #: Messages the fuzzer generates for each source (>= 10,000 over all sources when full).
     fuzz_messages: int
+    #: Records through the Kafka consumer group of three instances (the issue's 10,000 when
+    #: full), produced at ``kafka_rate`` per second, and how many kill -9 it takes.
+    kafka_records: int
+    kafka_rate: float
+    kafka_kills: int
 
 
-BOUNDED = Size(full=False, cycles=3, messages=500, outage_s=6.0, repeats=1, fuzz_messages=200)
-FULL = Size(full=True, cycles=20, messages=1000, outage_s=20.0, repeats=3, fuzz_messages=3400)
+BOUNDED = Size(
+    full=False, cycles=3, messages=500, outage_s=6.0, repeats=1, fuzz_messages=200,
+    kafka_records=2000, kafka_rate=150.0, kafka_kills=1,
+)  # fmt: skip
+FULL = Size(
+    full=True, cycles=20, messages=1000, outage_s=20.0, repeats=3, fuzz_messages=3400,
+    kafka_records=10_000, kafka_rate=300.0, kafka_kills=3,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

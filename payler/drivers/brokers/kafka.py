@@ -49,7 +49,14 @@ As a source (:mod:`~payler.drivers.brokers.kafka_source`):
   the workflow and consumption resumes from the committed offsets.
 - Rebalances wait for the batch in hand: the listener takes the same lock as handling does, so a
   batch is handled and committed before its partitions are revoked. Partitions no longer ours
-  when a batch is done are not committed: their new owner consumes those records again.
+  when a batch is done are not committed: their new owner consumes those records again. Each
+  assignment is logged (one INFO line: which partitions this member reads).
+- A member that misses its heartbeats for ``session_timeout_ms`` with a batch in hand (the
+  process paused, the machine overloaded) is dropped from the group, which goes on without it.
+  When it comes back, its commit is refused (``CommitFailedError``): not an outage, so
+  ``serve`` goes on. The member takes nothing more from its old assignment (its partitions
+  are paused), rejoins, and every partition is read again from its committed offset by its
+  owner: the batch is handed over again (a WARNING says how many records), at least once.
 
 As a destination, ``process`` publishes to topic ``payload.destination`` with the payload's key,
 its body, its headers and properties as Kafka headers (:mod:`~payler.drivers.brokers.mapping`),

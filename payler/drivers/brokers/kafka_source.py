@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import (  # type: ignore[import-untyped]  # aiokafka ships no type hints
@@ -190,6 +190,9 @@ class KafkaSource:
         owned = consumer.assignment()
         try:
             await consumer.commit({tp: o for tp, o in offsets.items() if tp in owned})
+        except kafka_errors.CommitFailedError as exc:
+            self._left_behind(consumer, sum(map(len, fresh.values())), exc)
+            return
         except kafka_errors.KafkaError as exc:
             raise TransientError(
                 f"could not commit the offsets of topic {self.topic!r} "
@@ -199,6 +202,29 @@ class KafkaSource:
             if tp in owned:
                 consumer.seek(tp, offset)  # drops what was fetched beyond it
                 consumer.pause(tp)
+
+    def _left_behind(self, consumer: Any, handled: int, exc: Exception) -> None:
+        """The group refused the commit: it went on without this member (which missed its
+        heartbeats for the session timeout: a pause, an overloaded machine) or is rebalancing.
+
+        Not an outage: aiokafka rejoins by itself, and every partition starts again from its
+        committed offset in its owner, this member or another, which reads this batch again
+        (the spool recognises its records by id). Until the new assignment, nothing more is
+        taken from the old one: its partitions are paused (a new assignment starts unpaused),
+        and what is known of them is forgotten.
+        """
+        owned = list(consumer.assignment())
+        self.rewinds.forget(owned)
+        for tp in owned:
+            self._next.pop(tp, None)
+        if owned:
+            consumer.pause(*owned)
+        log.warning(
+            "the consumer group of topic %r went on without this member while it handled a "
+            "batch (%s): the %d record(s) it handled are read again by their partitions' "
+            "owners; rejoining",
+            self.topic, _reason(exc), handled,
+        )  # fmt: skip
 
     async def _identify(self, consumer: Any, *, required: bool) -> bool:
         """Read the cluster id and the topic id.
@@ -294,6 +320,13 @@ class KafkaSource:
             )
 
 
+def _reason(exc: Exception) -> str:
+    """aiokafka's CommitFailedError in a few words: its cause (the broker's error), not its
+    advice about max_poll_interval_ms."""
+    cause = exc.__cause__ or exc.__context__
+    return type(cause).__name__ if cause is not None else type(exc).__name__
+
+
 def _raw_headers(record: Any) -> dict[str, Any]:
     """The record's headers as they came (bytes, nulls; repeated names as lists)."""
     raw: dict[str, list[Any]] = {}
@@ -317,5 +350,12 @@ class _BatchGuard(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka 
             for tp in revoked:
                 self.source._next.pop(tp, None)
 
-    async def on_partitions_assigned(self, assigned: object) -> None:
+    async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         self.source.stale = True  # the topic may have been recreated meanwhile
+        # One line per rebalance: which member reads what, for whoever runs many instances.
+        partitions = sorted(tp.partition for tp in assigned)
+        log.info(
+            "consuming partition(s) %s of topic %r in group %r",
+            ", ".join(map(str, partitions)) or "none", self.source.topic,
+            self.source.broker.settings.group,
+        )  # fmt: skip

@@ -5,10 +5,12 @@ tombstones."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from payler.drivers.base import Rejection
@@ -18,7 +20,7 @@ from payler.drivers.brokers.kafka_source import record_id
 from payler.drivers.brokers.mapping import NULL_VALUE
 from payler.payload import Payload
 from tests.conftest import KAFKA_TEST_OPTIONS, Kafka, tansu_server
-from tests.drivers.brokers.test_kafka import serve_until
+from tests.drivers.brokers.test_kafka import serve_until, uncommitted
 
 pytestmark = pytest.mark.kafka
 
@@ -161,3 +163,65 @@ async def test_a_tombstone_is_told_from_an_empty_body(kafka: Kafka) -> None:
 
     assert (tombstone.body, tombstone.headers) == (b"", {NULL_VALUE: True})
     assert (empty.body, empty.headers) == (b"", {})
+
+
+class Rival:
+    """Another member of a consumer group, on a thread (and event loop) of its own: it keeps
+    its membership while the test's own loop is stalled. It never commits."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        self.bootstrap, self.group, self.topic = bootstrap, group, topic
+        self.assigned = threading.Event()
+        self.leave = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._member()), daemon=True)
+
+    async def _member(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self.topic, bootstrap_servers=self.bootstrap, group_id=self.group,
+            enable_auto_commit=False, session_timeout_ms=1000, heartbeat_interval_ms=100,
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            while not self.leave.is_set():
+                await consumer.getmany(timeout_ms=50)
+                if consumer.assignment():
+                    self.assigned.set()
+        finally:
+            await consumer.stop()  # leaves the group
+
+
+async def test_a_member_the_group_went_on_without_goes_on_and_its_batch_is_read_again(
+    kafka: Kafka,
+) -> None:
+    """A member stalls with a batch in hand (a process paused, a machine swapping) until the
+    group has expired it and given its partition to another member. When it comes back its
+    commit is refused: that is a rebalance, not an outage. It rejoins, and the batch it had
+    stored is read again from the committed offset (at least once, never lost); ``serve``
+    goes on."""
+    topic = kafka.topic("stalled")
+    url = kafka.url() + "&partitions=1"
+    async with KafkaBroker(url) as admin:
+        await admin.ensure_queue(topic)
+    ends = await kafka.produce(topic, [(None, f"{i}".encode(), []) for i in range(5)])
+    rival = Rival(kafka.bootstrap, KafkaBroker(url).settings.group, topic)
+    handed: list[list[bytes]] = []
+    stop = asyncio.Event()
+
+    async def handler(batch: Sequence[Payload]) -> list[Rejection]:
+        handed.append([p.body for p in batch])
+        if len(handed) == 1:
+            # The stall: this loop blocks (no heartbeat) until the rival has the partition.
+            rival.thread.start()
+            took_over = rival.assigned.wait(timeout=30)
+            rival.leave.set()
+            rival.thread.join(timeout=30)
+            assert took_over, "the group never gave the partition to the other member"
+        if sum(map(len, handed)) >= 10:
+            stop.set()
+        return []
+
+    await serve_until(url, topic, handler, stop, timeout_s=60)
+
+    assert handed[0] == [f"{i}".encode() for i in range(5)]
+    assert sorted(b for batch in handed[1:] for b in batch) == handed[0]  # read again, once
+    assert await uncommitted(kafka, topic, ends) == {}
