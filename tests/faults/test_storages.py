@@ -149,7 +149,9 @@ async def test_redis_failover_under_load(
     record.append(row)
     assert row.lost == 0, (row, daemon.log)
     assert row.left == 0, (row, daemon.log)
-    assert row.duplicated <= size.repeats * DELIVER_BATCH, row
+    # Each cycle switches the storage twice (fail over, fail back): each switch may catch one
+    # delivery batch published and not yet deleted, which is delivered again.
+    assert row.duplicated <= size.repeats * 2 * DELIVER_BATCH, row
     assert alive_through, daemon.log
     assert daemon.crashes == [], daemon.log
 
