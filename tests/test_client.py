@@ -17,6 +17,7 @@ from payler.drivers.base import Handler, Rejection
 from payler.drivers.brokers.base import DEAD_LETTER_REASON
 from payler.drivers.storages.base import WatchSettings
 from payler.errors import TransientError
+from payler.identity import content_digest
 from payler.options import ProcessQueueOptions, WatchStorageOptions
 from payler.payload import Payload
 from payler.runtime import Runtime
@@ -281,7 +282,8 @@ async def test_a_backend_wake_up_wakes_the_watcher_at_once() -> None:
         await asyncio.sleep(0)
     assert (storage.started, storage.stopped) == (1, 0)
     await asyncio.sleep(0)  # the watcher found nothing and sleeps
-    await storage._store([make_payload(payload_id="elsewhere", destination="out", due_ms=0)])
+    elsewhere = make_payload(payload_id="elsewhere", destination="out", due_ms=0)
+    await storage._store([elsewhere], [content_digest(elsewhere)])
     storage._stored_elsewhere(0)
     async with asyncio.timeout(2):
         await got.wait()
