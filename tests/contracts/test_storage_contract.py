@@ -23,6 +23,7 @@ from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import Claim, SpoolStorage, Stored
 from payler.drivers.storages.memory import MemoryStorage
 from payler.drivers.storages.mongodb import MongoStorage
+from payler.drivers.storages.postgres import PostgresStorage
 from payler.drivers.storages.redis import RedisStorage
 from payler.drivers.storages.sqlite import SQLiteStorage
 from payler.errors import ConfigError
@@ -756,6 +757,22 @@ class TestRedisStorage(StorageContract):
 @pytest.mark.postgres
 class TestPostgresStorage(StorageContract):
     @pytest.fixture
+    def downgrade(self) -> Any:
+        async def to_first_rows(storage: SpoolStorage) -> None:
+            # Every PostgreSQL spool had its lookup columns and indexes (schema version 1);
+            # what the first PostgreSQL payler left without is the content digest.
+            assert isinstance(storage, PostgresStorage)
+            await storage.pool.execute(f"UPDATE {storage._sql.table} SET digest = NULL")
+
+        return to_first_rows
+
+    @pytest.fixture
     async def storage(self, clock: FakeClock, postgres_url: str) -> AsyncIterator[SpoolStorage]:
         async with storage_from_url(postgres_url, clock=clock) as s:
             yield s
+
+    async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
+        assert isinstance(storage, PostgresStorage)
+        await storage.store([stored])
+        forget = f"UPDATE {storage._sql.table} SET digest = NULL WHERE id = $1"
+        await storage.pool.execute(forget, stored.id)

@@ -42,12 +42,13 @@ http: {{port: {port}, sample_interval_seconds: 0.2}}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis),
-                        pytest.param("mongodb", marks=pytest.mark.mongodb)])  # fmt: skip
+                        pytest.param("mongodb", marks=pytest.mark.mongodb),
+                        pytest.param("postgres", marks=pytest.mark.postgres)])  # fmt: skip
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/spool.db"
-    fixture = "redis_spool_url" if request.param == "redis" else "mongodb_url"
-    url: str = request.getfixturevalue(fixture)
+    fixture = {"redis": "redis_spool_url", "mongodb": "mongodb_url", "postgres": "postgres_url"}
+    url: str = request.getfixturevalue(fixture[request.param])
     return url
 
 

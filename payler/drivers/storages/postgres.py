@@ -23,6 +23,23 @@ round trip) in its own transaction, committed before it returns: with the server
 ``synchronous_commit = on`` a returned store is on disk (and on the synchronous standbys, if
 configured).
 
+**Stores** are one statement per batch of up to 1,000 payloads (a larger batch takes several, in
+one transaction; the SQL is ``Statements.store``): it reads the content digests of the entries
+that the batch's ids (and their derived ids) name, applies the rule of
+:func:`~payler.drivers.storages.dedupe.plan_store` (a redelivery is left as it is, a reused id
+with other content goes under its derived id) and inserts, all on one snapshot. A concurrent
+store that commits one of these ids after that snapshot fails the statement as a whole (a unique
+violation: nothing of it is written), and it runs again, seeing that entry: the outcome is the
+one of the two stores made one after the other. Rows stored by the payler before digests were
+kept have none: the same message, for a redelivery.
+
+**Limits.** A body is at most ``max_body_bytes`` (64 MiB by default, as every storage; up to
+1,000,000,000 bytes, under PostgreSQL's 1 GB per ``bytea`` value and per protocol message).
+There is no disk here to watch: :meth:`~payler.drivers.storages.base.SpoolStorage.admission`
+admits every batch, and ``min_free_bytes`` is not used. A server whose disk is full refuses
+the write (``53100``) or goes down: an outage, retried with backoff while the batch stays
+unacknowledged in its source. Watch the server's disk where it runs.
+
 **Wake-ups.** A store, retry or reschedule sends ``NOTIFY`` on the spool's channel with the
 earliest due time, in the same statement, so it goes out when the change commits. A watch loop
 keeps one extra connection that ``LISTEN``\\ s (reconnected with backoff when lost) and wakes
@@ -45,16 +62,19 @@ from asyncpg.pool import PoolConnectionProxy
 
 from payler.backoff import Backoff
 from payler.clock import Clock
+from payler.drivers.storages import HARD_MAX_BODY_BYTES
 from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
     Claim,
     EntryState,
+    LookupField,
     Page,
     SpoolStorage,
     decode_cursor,
     encode_cursor,
     new_token,
 )
+from payler.drivers.storages.dedupe import Stored
 from payler.drivers.storages.postgres_listen import ERRORS, Listener
 from payler.drivers.storages.postgres_settings import channel_of, split_settings
 from payler.drivers.storages.postgres_sql import (
@@ -70,6 +90,7 @@ from payler.drivers.storages.postgres_sql import (
     to_text,
 )
 from payler.errors import StartupError, TransientError
+from payler.identity import derived_id
 from payler.metrics import Metrics
 from payler.payload import Payload
 from payler.urls import mask_url, redact
@@ -85,6 +106,9 @@ R = TypeVar("R")
 #: refuses one past 1 GB) and how much the server parses at once.
 _STORE_CHUNK = 1000
 _STORE_CHUNK_BYTES = 16 * 1024 * 1024
+#: Attempts at a store whose ids concurrent stores keep taking (each attempt that fails saw
+#: another store commit: as many attempts as instances storing the same ids at once).
+_STORE_ROUNDS = 10
 #: Tombstones deleted per purge statement; a purge that finds more goes on in the background.
 _PURGE_BATCH = 5000
 #: Attempts at creating the schema when instances starting together race for it.
@@ -133,8 +157,7 @@ class PostgresStorage(SpoolStorage):
     """
 
     schemes = ("postgresql", "postgres")
-    #: Well below PostgreSQL's 1 GB per value and per protocol message.
-    max_body_bytes = 256 * 1024 * 1024
+    hard_max_body_bytes = HARD_MAX_BODY_BYTES["postgresql"]
 
     def __init__(
         self,
@@ -143,9 +166,18 @@ class PostgresStorage(SpoolStorage):
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+        max_body_bytes: int | None = None,
+        min_free_bytes: int | None = None,
         connect_timeout_s: float = 5.0,
     ) -> None:
-        super().__init__(url, clock=clock, metrics=metrics, dedupe_window_ms=dedupe_window_ms)
+        super().__init__(
+            url,
+            clock=clock,
+            metrics=metrics,
+            dedupe_window_ms=dedupe_window_ms,
+            max_body_bytes=max_body_bytes,
+            min_free_bytes=min_free_bytes,
+        )
         self.connect_timeout_s = connect_timeout_s
         settings = split_settings(url)
         self._dsn, self._schema = settings.dsn, settings.schema
@@ -276,42 +308,80 @@ class PostgresStorage(SpoolStorage):
     # -- the hooks -------------------------------------------------------------------------------
 
     @_transient
-    async def _store(self, batch: Sequence[Payload], state: EntryState = "pending") -> int:
+    async def _store(
+        self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
+    ) -> Stored:
         notify = self.notify and state == "pending"
         chunks = list(_chunks(batch))
-        if len(chunks) == 1:
-            return await self._insert(self.pool, chunks[0], state, notify)
-        new = 0
-        async with self.pool.acquire() as conn, conn.transaction():  # one commit for all
-            for chunk in chunks:
-                new += await self._insert(conn, chunk, state, notify)
-        return new
+        if len(chunks) == 1:  # each statement committed on its own
+            return await self._insert(self.pool, batch, digests, state, notify)
+        for _ in range(_STORE_ROUNDS):
+            try:
+                stored = Stored()
+                async with self.pool.acquire() as conn, conn.transaction():  # one commit
+                    for start, end in chunks:
+                        stored += await self._insert(
+                            conn, batch[start:end], digests[start:end], state, notify, retry=False
+                        )
+                return stored
+            except asyncpg.UniqueViolationError:
+                continue  # a concurrent store took one of the ids: all again, seeing it
+        raise _ids_taken()
 
     async def _insert(
         self,
         conn: asyncpg.Pool | Connection,
         batch: Sequence[Payload],
+        digests: Sequence[str],
         state: EntryState,
         notify: bool,
-    ) -> int:
-        columns: list[list[Any]] = [[] for _ in range(10)]
-        for p in batch:
-            row = (
-                to_text(p.id),
-                p.due_ms,
-                to_text(p.destination),
-                p.attempts,
-                optional_text(p.last_error),
-                p.created_ms,
-                optional_text(p.properties.message_id),
-                optional_text(p.properties.correlation_id),
-                p.body,
-                p.meta_json(),
-            )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        found = await conn.fetchrow(self._sql.store, state, *columns, notify, self.channel)
-        return int(found["n"]) if found else 0
+        *,
+        retry: bool = True,
+    ) -> Stored:
+        """Store one chunk with :attr:`Statements.store`: the payloads it defers go in a
+        statement of their own after it; a statement that fails on an id a concurrent store
+        took (it changed nothing) is run again, unless ``retry`` is false (the caller's
+        transaction is then aborted: it runs again as a whole)."""
+        placed: dict[int, str | None] = {}  # position in batch: the id stored under, or None
+        todo = list(range(len(batch)))
+        attempts = 0
+        while todo:
+            try:
+                rows = await conn.fetch(
+                    self._sql.store,
+                    state,
+                    *_columns([batch[i] for i in todo], [digests[i] for i in todo]),
+                    notify,
+                    self.channel,
+                )
+            except asyncpg.UniqueViolationError:
+                attempts += 1
+                if not retry:
+                    raise
+                if attempts == _STORE_ROUNDS:
+                    raise _ids_taken() from None
+                continue
+            returned = {todo[row["n"] - 1]: row for row in rows}
+            deferred = []
+            for i in todo:
+                row = returned.get(i)
+                if row is None:  # a redelivery
+                    placed[i] = None
+                elif row["deferred"]:
+                    deferred.append(i)
+                else:
+                    placed[i] = batch[i].id if row["own"] else derived_id(batch[i].id, digests[i])
+            todo = deferred  # shorter each time: the first payload of a round is never deferred
+        stored = Stored()
+        for i, payload in enumerate(batch):
+            target = placed[i]
+            if target is None:
+                stored.duplicates.append(payload.id)
+                continue
+            stored.new.append(target)
+            if target != payload.id:
+                stored.renamed[payload.id] = target
+        return stored
 
     @_transient
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
@@ -380,6 +450,13 @@ class PostgresStorage(SpoolStorage):
         return None if row is None else _payload(row)
 
     @_transient
+    async def _state_of(self, payload_id: str) -> EntryState | None:
+        state = await self.pool.fetchval(self._sql.state_of, to_text(payload_id))
+        if state is None:
+            return None
+        return "dead" if state == "dead" else "pending"
+
+    @_transient
     async def _list(
         self,
         destination: str | None,
@@ -417,6 +494,28 @@ class PostgresStorage(SpoolStorage):
         where, params = _filters(destination, state)
         sql = f"SELECT count(*) FROM {self._sql.table} WHERE {' AND '.join(where)}"
         return int(await self.pool.fetchval(sql, *params))
+
+    @_transient
+    async def _count_due(
+        self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
+    ) -> int:
+        # A range of the (state, due_ms) or (state, destination, due_ms) index.
+        where, params = _filters(destination, state)
+        if start_ms is not None:
+            params.append(start_ms)
+            where.append(f"due_ms >= ${len(params)}")
+        if end_ms is not None:
+            params.append(end_ms)
+            where.append(f"due_ms < ${len(params)}")
+        sql = f"SELECT count(*) FROM {self._sql.table} WHERE {' AND '.join(where)}"
+        return int(await self.pool.fetchval(sql, *params))
+
+    @_transient
+    async def _lookup(
+        self, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        rows = await self.pool.fetch(self._sql.lookup(field, state), to_text(value), limit)
+        return [_payload(row) for row in rows]
 
     @_transient
     async def _cancel(self, payload_id: str) -> bool:
@@ -465,20 +564,52 @@ def _filters(destination: str | None, state: EntryState) -> tuple[list[str], lis
     return where, params
 
 
+def _ids_taken() -> TransientError:
+    return TransientError(
+        f"PostgreSQL spool: concurrent stores kept taking this batch's ids ({_STORE_ROUNDS}"
+        " attempts)"
+    )
+
+
 def _row_count(status: str) -> int:
     """The row count of a command status (``UPDATE 3``, ``DELETE 0``)."""
     return int(status.rpartition(" ")[2] or 0)
 
 
-def _chunks(batch: Sequence[Payload]) -> Iterator[Sequence[Payload]]:
-    """``batch`` in runs of at most ``_STORE_CHUNK`` payloads and about ``_STORE_CHUNK_BYTES``."""
+def _chunks(batch: Sequence[Payload]) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of runs of ``batch`` of at most ``_STORE_CHUNK`` payloads and about
+    ``_STORE_CHUNK_BYTES``."""
     start, size = 0, 0
     for end, payload in enumerate(batch):
         if end > start and (end - start == _STORE_CHUNK or size > _STORE_CHUNK_BYTES):
-            yield batch[start:end]
+            yield start, end
             start, size = end, 0
         size += len(payload.body)
-    yield batch[start:]
+    yield start, len(batch)
+
+
+def _columns(batch: Sequence[Payload], digests: Sequence[str]) -> list[list[Any]]:
+    """The arrays :attr:`Statements.store` takes, in its order: ids, digests, derived ids, then
+    the other columns."""
+    columns: list[list[Any]] = [[] for _ in range(12)]
+    for p, digest in zip(batch, digests, strict=True):
+        row = (
+            to_text(p.id),
+            to_text(digest),
+            to_text(derived_id(p.id, digest)),
+            p.due_ms,
+            to_text(p.destination),
+            p.attempts,
+            optional_text(p.last_error),
+            p.created_ms,
+            optional_text(p.properties.message_id),
+            optional_text(p.properties.correlation_id),
+            p.body,
+            p.meta_json(),
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
 
 
 def _payload(row: asyncpg.Record) -> Payload:

@@ -9,13 +9,16 @@ Everything lives in one schema (``?schema=`` in the URL, else the connection's c
 ==========================  ================================================================
 
 Indexes: the claim order (``visible_ms, id`` of pending rows), the due order of the admin
-listing (overall and per destination), the tombstones by expiry (the purge), and the admin
-lookups by ``message_id`` and ``correlation_id``. ``digest`` holds a content digest of the
-entry (kept in its tombstone too); nothing writes it yet.
+listing and of the console's due counts (overall and per destination), the tombstones by expiry
+(the purge), and the admin lookups by ``message_id`` and ``correlation_id``. ``digest`` holds
+the entry's content digest (:func:`~payler.identity.content_digest`), kept in its tombstone too;
+rows stored by the payler before this column was written have none (NULL), which ``store``
+takes for "the same message" (schema version 1 already had the column: no migration).
 
 The statements use only what PostgreSQL-compatible distributed databases also speak
-(``FOR UPDATE SKIP LOCKED``, ``INSERT ... ON CONFLICT DO NOTHING``, ``unnest`` of arrays,
-partial indexes); ``pg_notify`` is asked for only where the URL keeps notifications on.
+(``FOR UPDATE SKIP LOCKED``, an ``INSERT`` inside ``WITH`` whose rows a query with window
+functions chose, ``unnest`` of arrays ``WITH ORDINALITY``, partial indexes); ``pg_notify`` is
+asked for only where the URL keeps notifications on.
 
 **Text and NUL.** PostgreSQL's ``TEXT`` refuses the character U+0000, which ids, destinations
 and errors may hold (any unicode is allowed in them). :func:`to_text` stores such a value with
@@ -109,19 +112,89 @@ class Statements:
 
     @property
     def store(self) -> str:
-        # $1 state, $2..$11 one array per column, $12 notify?, $13 channel.
-        return self._notifying(
-            f"INSERT INTO {self.table} (id, state, due_ms, visible_ms, destination, attempts,"
-            " last_error, created_ms, message_id, correlation_id, body, meta)"
-            " SELECT e.id, $1, e.due, e.due, e.destination, e.attempts, e.last_error,"
-            " e.created, e.message_id, e.correlation_id, e.body, e.meta"
-            " FROM unnest($2::text[], $3::bigint[], $4::text[], $5::int[], $6::text[],"
-            " $7::bigint[], $8::text[], $9::text[], $10::bytea[], $11::text[])"
-            " AS e(id, due, destination, attempts, last_error, created, message_id,"
-            " correlation_id, body, meta)"
-            " ON CONFLICT (id) DO NOTHING RETURNING due_ms",
-            "$12",
-            "$13",
+        # $1 state; $2 ids, $3 digests, $4 derived ids; $5..$13 one array per other column;
+        # $14 notify?, $15 channel. Returns a row per payload stored (or deferred): its
+        # position `n` in the batch, whether under its own id, whether it was deferred.
+        #
+        # The rule of payler/drivers/storages/dedupe.py (plan_store), in one statement. `aimed`
+        # says where each payload goes (NULL: nowhere, a redelivery). It takes its own id when
+        # no entry holds it (the first payload of the batch with that id decides which content
+        # it names); it is a redelivery when the entry holding its id has its digest, or none
+        # (stored before digests were kept); otherwise it is another message reusing the id,
+        # stored under its derived id unless an entry holds that too (the same reuse,
+        # redelivered). `planned`: the first payload aimed at a place is stored there, a later
+        # one with the same content is a redelivery; a later one with other content (an id
+        # that is another's derived id: only made on purpose) is deferred, for the caller to
+        # store again once this is done, as if it came in the next batch.
+        #
+        # No ON CONFLICT: an id a concurrent store committed after this statement's snapshot
+        # fails the whole statement (unique_violation), and the caller runs it again; the
+        # next snapshot sees that entry, and every decision is made again (a payload aimed at a
+        # derived id because another of the batch would take its own id was aimed right only
+        # if that one is stored). The rows go in in id order, so that stores of overlapping
+        # batches wait for each other in one order, never in a cycle. The wide columns are
+        # unnested apart, joined by position at the insert: the plan sorts narrow rows only.
+        return f"""
+            WITH batch AS (
+                SELECT * FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+                    AS b(id, digest, derived, n)
+            ),
+            held AS (
+                SELECT id, digest FROM {self.table} WHERE id = ANY($2::text[] || $4::text[])
+            ),
+            aimed AS (
+                SELECT b.n, b.id, b.digest, CASE
+                    WHEN own.id IS NOT NULL AND (own.digest IS NULL OR own.digest = b.digest)
+                        THEN NULL
+                    WHEN own.id IS NULL AND b.digest
+                        = first_value(b.digest) OVER (PARTITION BY b.id ORDER BY b.n)
+                        THEN b.id
+                    WHEN reused.id IS NOT NULL THEN NULL
+                    ELSE b.derived
+                END AS target
+                FROM batch AS b
+                LEFT JOIN held AS own ON own.id = b.id
+                LEFT JOIN held AS reused ON reused.id = b.derived
+            ),
+            planned AS (
+                SELECT n, id, target, nth > 1 AS deferred FROM (
+                    SELECT *,
+                        row_number() OVER (PARTITION BY target ORDER BY n) AS nth,
+                        first_value(digest) OVER (PARTITION BY target ORDER BY n) AS first
+                    FROM aimed WHERE target IS NOT NULL
+                ) AS a WHERE nth = 1 OR digest <> first
+            ),
+            inserted AS (
+                INSERT INTO {self.table} (id, state, due_ms, visible_ms, destination, attempts,
+                    last_error, created_ms, message_id, correlation_id, digest, body, meta)
+                SELECT p.target, $1, e.due, e.due, e.destination, e.attempts, e.last_error,
+                    e.created, e.message_id, e.correlation_id, e.digest, e.body, e.meta
+                FROM unnest($3::text[], $5::bigint[], $6::text[], $7::int[], $8::text[],
+                    $9::bigint[], $10::text[], $11::text[], $12::bytea[], $13::text[])
+                    WITH ORDINALITY AS e(digest, due, destination, attempts, last_error,
+                        created, message_id, correlation_id, body, meta, n)
+                JOIN planned AS p ON p.n = e.n AND NOT p.deferred
+                ORDER BY p.target COLLATE "C"
+                RETURNING due_ms
+            )
+            SELECT n, target = id AS own, deferred,
+                (SELECT CASE WHEN count(*) > 0 AND $14 THEN pg_notify($15, min(due_ms)::text)
+                    END FROM inserted) AS notified
+            FROM planned
+        """
+
+    @property
+    def state_of(self) -> str:
+        return f"SELECT state FROM {self.table} WHERE id = $1 AND state IN ('pending', 'dead')"
+
+    def lookup(self, column: str, state: str) -> str:
+        """Entries in ``state`` whose ``column`` (``message_id`` or ``correlation_id``) is $1,
+        at most $2, through that column's index. The state is written in (as in the listing)."""
+        if column not in ("message_id", "correlation_id") or state not in ("pending", "dead"):
+            raise ValueError(f"no lookup by {column!r} in state {state!r}")
+        return (
+            f"SELECT {PAYLOAD_COLUMNS} FROM {self.table}"
+            f" WHERE {column} = $1 AND state = '{state}' LIMIT $2"
         )
 
     @property

@@ -16,11 +16,12 @@ import pytest
 
 from payler.drivers.base import Rejection
 from payler.drivers.storages import postgres, storage_from_url
-from payler.drivers.storages.base import WatchSettings
+from payler.drivers.storages.base import Stored, WatchSettings
 from payler.drivers.storages.postgres import PostgresStorage, is_outage
 from payler.drivers.storages.postgres_settings import channel_of, split_settings
 from payler.drivers.storages.postgres_sql import from_text, to_text
 from payler.errors import ConfigError, StartupError, TransientError
+from payler.identity import content_digest, derived_id
 from payler.payload import MessageProperties, Payload
 from tests.integration.conftest import Payler
 
@@ -33,9 +34,9 @@ LEASE = 10_000
 def payload(
     payload_id: str, due_ms: int = T0, destination: str = "out", **fields: object
 ) -> Payload:
+    fields.setdefault("body", payload_id.encode())
     return Payload(
         id=payload_id,
-        body=payload_id.encode(),
         destination=destination,
         due_ms=due_ms,
         created_ms=T0,
@@ -187,7 +188,8 @@ async def test_instances_starting_together_on_a_new_schema(postgres_url: str) ->
 
 async def test_what_the_table_holds(storage: PostgresStorage, raw: asyncpg.Connection) -> None:
     properties = MessageProperties(message_id="m-1", correlation_id="c-1")
-    await storage.store([payload("a", T0 + 5, "x", properties=properties)])
+    stored = payload("a", T0 + 5, "x", properties=properties)
+    await storage.store([stored])
     table = f'"{storage.schema}".payler_spool'
     row = await raw.fetchrow(f"SELECT * FROM {table} WHERE id = 'a'")
     assert row is not None
@@ -198,7 +200,8 @@ async def test_what_the_table_holds(storage: PostgresStorage, raw: asyncpg.Conne
         "token": None,
         "destination": "x",
     }
-    assert (row["message_id"], row["correlation_id"], row["digest"]) == ("m-1", "c-1", None)
+    digest = content_digest(stored)
+    assert (row["message_id"], row["correlation_id"], row["digest"]) == ("m-1", "c-1", digest)
     assert bytes(row["body"]) == b"a"
     [claim] = await storage.claim_due(T0 + 5, 10, LEASE)
     leased = await raw.fetchrow(f"SELECT token, visible_ms FROM {table} WHERE id = 'a'")
@@ -213,6 +216,7 @@ async def test_what_the_table_holds(storage: PostgresStorage, raw: asyncpg.Conne
         None,
         None,
     )
+    assert tombstone["digest"] == digest  # what tells a redelivered copy from a reused id
 
 
 async def test_text_with_nul_and_any_unicode_round_trips(
@@ -258,6 +262,126 @@ def test_the_nul_escape_is_reversible() -> None:
         assert from_text(stored) == text
     assert len({to_text(t) for t in samples}) == len(samples)
     assert to_text("x\x01y") == "x\x01y"  # only NUL, or a leading U+0001, is escaped
+
+
+# -- stores: redeliveries and reused ids -----------------------------------------------------------
+
+
+async def test_a_spool_of_the_first_postgres_payler_is_used_as_it_is(
+    postgres_url: str, raw: asyncpg.Connection
+) -> None:
+    # The first PostgreSQL payler (schema version 1) wrote no digests: its rows, pending, dead
+    # and delivered, are the messages they name for a redelivery, and the schema stays as it is.
+    async with PostgresStorage(postgres_url) as first:
+        await first.store([payload(i) for i in ("pending", "dead", "done")])
+        claims = {c.payload.id: c for c in await first.claim_due(T0, 10, LEASE)}
+        assert await first.dead_letter(claims["dead"], "bad")
+        assert await first.ack([claims["done"]]) == 1
+        table = f'"{first.schema}".payler_spool'
+        await raw.execute(f"UPDATE {table} SET digest = NULL")
+    async with PostgresStorage(postgres_url) as storage:
+        again = [payload(i, body=b"other content") for i in ("pending", "dead", "done")]
+        stored = await storage.store_batch(again)
+        assert stored == Stored(duplicates=["pending", "dead", "done"])
+        assert await storage.store_batch([payload("new")]) == Stored(new=["new"])
+        assert [c.payload.id for c in await storage.claim_due(T0, 10, LEASE)] == ["new"]
+    versions = await raw.fetch(
+        f'SELECT version FROM "{schema_of(postgres_url)}".payler_schema_version'
+    )
+    assert [r["version"] for r in versions] == [postgres.SCHEMA_VERSION] == [1]
+
+
+MINE, THEIRS = payload("x", body=b"mine"), payload("x", body=b"theirs")
+MINE_DERIVED = derived_id("x", content_digest(MINE))
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours", "expected"),
+    [
+        (MINE, [MINE], Stored(duplicates=["x"])),
+        (THEIRS, [MINE], Stored(new=[MINE_DERIVED], renamed={"x": MINE_DERIVED})),
+        # Ours aimed "theirs" at its derived id, "mine" taking "x": wrong once "x" is taken.
+        (
+            THEIRS,
+            [MINE, THEIRS],
+            Stored(new=[MINE_DERIVED], duplicates=["x"], renamed={"x": MINE_DERIVED}),
+        ),
+    ],
+    ids=["redelivery", "reused-id", "reused-id-and-redelivery"],
+)
+async def test_a_store_racing_another_for_an_id_decides_again(
+    postgres_url: str,
+    raw: asyncpg.Connection,
+    theirs: Payload,
+    ours: list[Payload],
+    expected: Stored,
+) -> None:
+    # Another instance inserts "x" after our statement's snapshot and commits while our insert
+    # waits on it: ours must decide again, seeing it, not take the other message for its own.
+    name = f"payler-test-{uuid.uuid4().hex[:8]}"
+    async with PostgresStorage(f"{postgres_url}&application_name={name}") as storage:
+        table = f'"{storage.schema}".payler_spool'
+        async with raw.transaction():
+            await raw.execute(
+                f"INSERT INTO {table} (id, state, due_ms, visible_ms, destination, created_ms,"
+                " digest, body, meta) VALUES ('x', 'pending', $1, $1, 'out', $1, $2, $3, $4)",
+                T0,
+                content_digest(theirs),
+                theirs.body,
+                theirs.meta_json(),
+            )
+            storing = asyncio.create_task(storage.store_batch(ours))
+            waiting = "SELECT 1 FROM pg_stat_activity WHERE application_name = $1"
+            waiting += " AND wait_event_type = 'Lock'"
+            for _ in range(200):  # bounded: 10 s
+                if await raw.fetchval(waiting, name):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the store never waited for the other insert")
+        assert await asyncio.wait_for(storing, 10) == expected
+        bodies = sorted(c.payload.body for c in await storage.claim_due(T0, 10, LEASE))
+        assert bodies == sorted({theirs.body, *(p.body for p in ours)})
+
+
+async def test_instances_storing_reused_ids_together_store_each_message_once(
+    postgres_url: str,
+) -> None:
+    # Five instances store overlapping batches: the same few ids, two contents each, in
+    # different orders. Every message is stored once, under its id or its derived one, and
+    # exactly one store reports it new.
+    contents = [
+        payload(f"id{i % 40}", T0 + i, body=f"content {i % 80}".encode()) for i in range(80)
+    ]
+    storages = [PostgresStorage(postgres_url) for _ in range(5)]
+    await asyncio.gather(*(s.connect() for s in storages))
+    try:
+        batches = [contents[k::3] + contents[: k * 7] for k in range(5)]
+        results = await asyncio.gather(
+            *(s.store_batch(b) for s, b in zip(storages, batches, strict=True))
+        )
+        new = [i for stored in results for i in stored.new]
+        assert len(new) == len(set(new)) == len(contents)
+        claimed = await storages[0].claim_due(T0 + 100, 200, LEASE)
+        assert sorted(c.payload.body for c in claimed) == sorted(p.body for p in contents)
+        assert sorted(c.payload.id for c in claimed) == sorted(new)
+    finally:
+        await asyncio.gather(*(s.close() for s in storages))
+
+
+async def test_a_store_in_several_statements_is_one_batch(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past a chunk's size, a store takes several statements in one transaction: a later
+    # chunk sees the earlier ones' entries as the rule says (earlier payloads count as stored).
+    monkeypatch.setattr(postgres, "_STORE_CHUNK", 2)
+    one, two = payload("x", body=b"one"), payload("x", body=b"two")
+    derived = derived_id("x", content_digest(two))
+    stored = await storage.store_batch([one, payload("a"), two, one, payload("b"), two])
+    assert stored == Stored(
+        new=["x", "a", derived, "b"], duplicates=["x", "x"], renamed={"x": derived}
+    )
+    assert await storage.count() == 4
 
 
 # -- claims, purges, outages -----------------------------------------------------------------------
