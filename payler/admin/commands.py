@@ -26,7 +26,7 @@ from payler import config
 from payler.admin.operations import Admin
 from payler.admin.remote import RemoteAdmin
 from payler.admin.target import AdminTarget
-from payler.admin.times import iso, parse_duration_ms
+from payler.admin.times import iso, parse_duration_ms, show_duration
 from payler.admin.views import DiscardRequest, Entry, NewMessage, Properties, ReplayRequest
 from payler.drivers.brokers import broker_from_url
 from payler.errors import InvalidSchedule, PaylerError, is_transient
@@ -539,7 +539,7 @@ def _when(headers: dict[str, Any]) -> str:
     if DELIVER_AT_HEADER in headers:
         return f"due at {headers[DELIVER_AT_HEADER]}"
     if DELAY_HEADER in headers:
-        return f"due in {headers[DELAY_HEADER]} ms"
+        return f"due in {show_duration(int(headers[DELAY_HEADER]))}"
     return "no delay header: the workflow's default_delay_ms applies"
 
 

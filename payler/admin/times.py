@@ -25,6 +25,20 @@ def parse_duration_ms(text: str) -> int:
     return math.ceil(float(number) * _UNIT_MS[unit or "ms"])
 
 
+def show_duration(ms: int) -> str:
+    """Milliseconds as an operator reads them: ``750ms``, ``5s``, ``1h``, ``1h 30m``, ``2d 3h``
+    (the two largest units; the inverse of :func:`parse_duration_ms` for whole values)."""
+    if ms < 1000:
+        return f"{ms}ms"
+    parts = []
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_MS[unit]
+        if ms >= size:
+            parts.append(f"{ms // size}{unit}")
+            ms %= size
+    return " ".join(parts[:2])
+
+
 def due_ms_of(
     *,
     now_ms: int,

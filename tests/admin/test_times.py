@@ -1,0 +1,29 @@
+"""Durations as operators write and read them."""
+
+from __future__ import annotations
+
+import pytest
+
+from payler.admin.times import parse_duration_ms, show_duration
+
+
+@pytest.mark.parametrize(
+    ("ms", "shown"),
+    [
+        (0, "0ms"),
+        (750, "750ms"),
+        (5_000, "5s"),
+        (90_000, "1m 30s"),
+        (3_600_000, "1h"),
+        (5_400_000, "1h 30m"),
+        (97_200_000, "1d 3h"),
+        (97_200_001, "1d 3h"),  # the two largest units only
+    ],
+)
+def test_durations_are_shown_in_the_units_operators_write(ms: int, shown: str) -> None:
+    assert show_duration(ms) == shown
+
+
+@pytest.mark.parametrize("text", ["500ms", "5s", "10m", "2h", "1d"])
+def test_a_whole_duration_reads_back_as_it_was_written(text: str) -> None:
+    assert show_duration(parse_duration_ms(text)) == text
