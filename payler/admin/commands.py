@@ -539,7 +539,11 @@ def _when(headers: dict[str, Any]) -> str:
     if DELIVER_AT_HEADER in headers:
         return f"due at {headers[DELIVER_AT_HEADER]}"
     if DELAY_HEADER in headers:
-        return f"due in {show_duration(int(headers[DELAY_HEADER]))}"
+        delay = headers[DELAY_HEADER]
+        if isinstance(delay, int) or (isinstance(delay, str) and delay.isdigit()):
+            return f"due in {show_duration(int(delay))}"
+        # Not ours to judge here: the daemon decides (and dead-letters it with the reason).
+        return f"{DELAY_HEADER}: {delay!r} as given"
     return "no delay header: the workflow's default_delay_ms applies"
 
 
