@@ -21,8 +21,18 @@ reused id) and a script purges.
 the write in memory. Run Redis with ``appendonly yes`` and ``appendfsync always`` for a store that
 survives a Redis crash (with ``everysec`` up to a second of stores can be lost, and with no
 persistence at all a restart loses the whole spool). Replication is asynchronous: a failover can
-lose the last writes too. The local test server runs without persistence. One Redis server
-(standalone, or behind Sentinel); not Redis Cluster (the scripts reach keys they compute).
+lose the last writes too, unless ``?wait_replicas=N`` makes every store wait (``WAIT``) until N
+replicas have it. The local test server runs without persistence.
+
+**One server or a Redis Cluster.** ``redis://`` names one server (standalone, or behind
+Sentinel). ``redis+cluster://[[user]:password@]host:port[,host:port...][?shards=N&...]`` (or
+``rediss+cluster://``) names a Redis Cluster, through redis-py's ``RedisCluster``: the spool is
+split into N shards (16 by default), each a complete set of the keys under one hash tag, so
+every script touches one slot (:mod:`payler.drivers.storages.redis_shards`). A store sends each
+payload to the shard of its id; a claim reads the head of every shard's claim index, takes the
+earliest ``limit`` of them all and claims each shard's share (so no shard waits while another
+has older entries); the admin operations ask every shard and merge. Without ``shards`` a
+``redis://`` spool keeps the unsharded key layout of earlier versions.
 
 redis-py's own command retries are turned off: a lost connection surfaces at once as a
 :class:`~payler.errors.TransientError` and the runtime restarts the workflow with backoff, the one
@@ -35,15 +45,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from payler import codec
 from payler.clock import Clock
@@ -64,7 +76,15 @@ from payler.drivers.storages.base import (
 from payler.drivers.storages.dedupe import Stored
 from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
 from payler.drivers.storages.redis_scripts import RECORD
-from payler.errors import StartupError, is_transient, transient_on
+from payler.drivers.storages.redis_shards import (
+    CLUSTER_SCHEMES,
+    RedisOptions,
+    cluster_nodes,
+    shard_keys,
+    shard_of,
+    split_options,
+)
+from payler.errors import StartupError, TransientError, is_transient, transient_on
 from payler.identity import derived_id
 from payler.metrics import Metrics
 from payler.payload import Payload
@@ -81,9 +101,13 @@ _STORE_CHUNK_BYTES = 16 * 1024 * 1024
 _PURGE_CHUNK = 1000
 
 
+T = TypeVar("T")
+
 # Outages (a lost connection, and the error replies of a server that cannot write now: READONLY
-# after a failover, LOADING, OOM, BUSY...) are retried; any other error reply is a bug.
-_transient = transient_on((RedisError,), "Redis spool", when=is_transient)
+# after a failover, LOADING, OOM, BUSY, CLUSTERDOWN, TRYAGAIN...) are retried; any other error
+# reply is a bug. redis-py's cluster client raises some outages (a slot no node serves yet, no
+# node reachable) outside the RedisError family: is_transient tells them apart.
+_transient = transient_on((RedisError, RedisClusterException), "Redis spool", when=is_transient)
 
 
 def split_prefix(url: str) -> tuple[str, str]:
@@ -95,13 +119,58 @@ def split_prefix(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefixes[-1] if prefixes else DEFAULT_PREFIX
 
 
+@dataclass(frozen=True, slots=True)
+class _Shard:
+    """One shard's keys, as the scripts take them."""
+
+    keys: KeySpace
+    #: KEYS of every script but the listing.
+    indexes: tuple[str, ...]
+    #: The first ARGVs of every script but the listing.
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, keys: KeySpace) -> _Shard:
+        indexes = (
+            keys.visible,
+            keys.by_due("pending"),
+            keys.by_due("dead"),
+            keys.delivered,
+            keys.delivered_digests,
+        )
+        prefixes = (
+            keys.entry_prefix,
+            keys.destination_prefix("pending"),
+            keys.destination_prefix("dead"),
+        )
+        return cls(keys, indexes, prefixes)
+
+    def index(self, destination: str | None, state: EntryState) -> str:
+        if destination is None:
+            return self.keys.by_due(state)
+        return self.keys.by_destination(state, destination)
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Run ``calls`` concurrently (one per shard); once all have ended, raise the first error.
+
+    Not a TaskGroup: its ExceptionGroup would hide a Redis error from the outage check, and a
+    shard's call that fails leaves the others' effects in place anyway (each is atomic)."""
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes  # type: ignore[return-value]  # no exception is left in it
+
+
 class RedisStorage(SpoolStorage):
-    """The spool in Redis; see :class:`~payler.drivers.storages.base.SpoolStorage`.
+    """The spool in Redis, one server or a Redis Cluster; see
+    :class:`~payler.drivers.storages.base.SpoolStorage`.
 
     ``connect_timeout_s`` bounds how long :meth:`connect` waits for the server's answer.
     """
 
-    schemes = ("redis", "rediss")
+    schemes = ("redis", "rediss", *CLUSTER_SCHEMES)
     hard_max_body_bytes = HARD_MAX_BODY_BYTES["redis"]
 
     def __init__(
@@ -124,38 +193,55 @@ class RedisStorage(SpoolStorage):
             min_free_bytes=min_free_bytes,
         )
         self.connect_timeout_s = connect_timeout_s
-        self._redis_url, prefix = split_prefix(url)
-        self.keys = keys = KeySpace(prefix)
-        self._client: Redis | None = None
-        self._indexes = [
-            keys.visible,
-            keys.by_due("pending"),
-            keys.by_due("dead"),
-            keys.delivered,
-            keys.delivered_digests,
-        ]
-        self._key_prefixes = [
-            keys.entry_prefix,
-            keys.destination_prefix("pending"),
-            keys.destination_prefix("dead"),
-        ]
+        self._redis_url, options = split_options(url)
+        self.options = options
+        self._nodes: list[tuple[str, int]] = []
+        if options.cluster:
+            self._redis_url, self._nodes = cluster_nodes(self._redis_url)
+        #: The spool's keys (when sharded, the shards' keys start with its prefix).
+        self.keys = KeySpace(options.prefix)
+        self._shards = [_Shard.of(keys) for keys in shard_keys(options.prefix, options.shards)]
+        self._client: Redis | RedisCluster | None = None
+
+    @property
+    def shards(self) -> list[KeySpace]:
+        """The keys of each shard (one, :attr:`keys`, when unsharded)."""
+        return [shard.keys for shard in self._shards]
+
+    def shard(self, payload_id: str) -> KeySpace:
+        """The keys of the shard that holds (or would hold) ``payload_id``."""
+        return self._shard(payload_id).keys
+
+    def _shard(self, payload_id: str) -> _Shard:
+        if len(self._shards) == 1:
+            return self._shards[0]
+        return self._shards[shard_of(payload_id, len(self._shards))]
 
     async def connect(self) -> None:
-        """Create the client and PING the server.
+        """Create the client and PING the server (every node of a cluster).
 
         Raises :class:`~payler.errors.StartupError` naming the (password-masked) URL.
         """
         try:
-            self._client = client = Redis.from_url(
-                self._redis_url,
-                decode_responses=False,
-                socket_connect_timeout=self.connect_timeout_s,
-                retry=Retry(NoBackoff(), 0),
-            )
+            common: dict[str, Any] = {
+                "decode_responses": False,
+                "socket_connect_timeout": self.connect_timeout_s,
+                "retry": Retry(NoBackoff(), 0),
+            }
+            client: Redis | RedisCluster
+            if self.options.cluster:
+                # Retries off here too: a node lost, the next call finds the new topology.
+                self._client = client = RedisCluster.from_url(
+                    self._redis_url,
+                    startup_nodes=[ClusterNode(host, port) for host, port in self._nodes[1:]],
+                    **common,
+                )
+            else:
+                self._client = client = Redis.from_url(self._redis_url, **common)
             async with asyncio.timeout(self.connect_timeout_s):
                 await client.ping()
-        except (RedisError, OSError, ValueError) as exc:  # TimeoutError is an OSError
-            await self.close()
+        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
+            await self.close()  # (TimeoutError is an OSError)
             what = redact(str(exc) or type(exc).__name__, self.url)
             if isinstance(exc, ValueError):  # the URL itself: its text may quote the password
                 what = "the URL cannot be parsed (characters such as / in a password: %2F)"
@@ -163,38 +249,51 @@ class RedisStorage(SpoolStorage):
                 f"cannot use the Redis spool storage {mask_url(self.url)!r}: {what}"
             ) from exc
         script = client.register_script
-        self._store_script, self._claim_script = (
-            script(scripts.SPOOL + scripts.STORE),
-            script(scripts.SPOOL + scripts.CLAIM),
-        )
-        self._ack_script, self._retry_script = (
-            script(scripts.SPOOL + scripts.ACK),
-            script(scripts.SPOOL + scripts.RETRY),
-        )
+        self._store_script = script(scripts.SPOOL + scripts.STORE)
+        self._claim_script = script(scripts.SPOOL + scripts.CLAIM)
+        self._ack_script = script(scripts.SPOOL + scripts.ACK)
+        self._retry_script = script(scripts.SPOOL + scripts.RETRY)
         self._dead_script = script(scripts.SPOOL + scripts.DEAD_LETTER)
         self._reschedule_script = script(scripts.SPOOL + scripts.RESCHEDULE)
-        self._cancel_script, self._list_script = (
-            script(scripts.SPOOL + scripts.CANCEL),
-            script(scripts.LIST),
-        )
+        self._cancel_script = script(scripts.SPOOL + scripts.CANCEL)
+        self._list_script = script(scripts.LIST)
         self._purge_script = script(scripts.SPOOL + scripts.PURGE)
         try:
+            await self._check_shards()
             await self._upgrade()
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             await self.close()
             raise StartupError(
                 f"cannot use the Redis spool storage {mask_url(self.url)!r}: "
                 f"{redact(str(exc), self.url)}"
             ) from exc
 
+    async def _check_shards(self) -> None:
+        """Record a sharded spool's shard count, or refuse a spool sharded otherwise: ids would
+        map to other shards, and their entries be out of reach of get, cancel and dedupe."""
+        client, count = self.client, self.options.shards
+        if count is not None:
+            await client.set(self.keys.shards, count, nx=True)
+        recorded = await client.get(self.keys.shards)
+        if (None if recorded is None else int(recorded)) != count:
+            has = "unsharded" if recorded is None else f"{int(recorded)} shards"
+            wants = "unsharded" if count is None else f"{count} shards"
+            raise StartupError(
+                f"the Redis spool {mask_url(self.url)!r} (prefix {self.options.prefix!r}) has "
+                f"{has}, but this URL says {wants}: use its shard count (changing it needs "
+                "an empty spool, or another prefix)"
+            )
+
     async def _upgrade(self) -> None:
         """Bring a spool made by an earlier payler to this key layout (additive only).
 
         Layout 1 added the lookup sets: the entries already stored are indexed once, by
         whichever process opens the spool first (another doing the same meanwhile only adds
-        the same members again).
+        the same members again). A sharded spool has had them from the start.
         """
         client = self.client
+        if self.options.shards is not None:
+            return
         if int(await client.get(self.keys.schema) or 0) >= _LAYOUT:
             return
         async for key in client.scan_iter(match=self.keys.match_entries, count=1000):
@@ -217,19 +316,35 @@ class RedisStorage(SpoolStorage):
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(RedisError, OSError):  # the connection may be lost already
-                await client.aclose()
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                await client.aclose()  # the connection may be lost already
 
     @property
-    def client(self) -> Redis:
-        """The redis-py client (bytes in, bytes out)."""
+    def client(self) -> Redis | RedisCluster:
+        """The redis-py client (bytes in, bytes out); a ``RedisCluster`` on a cluster."""
         if self._client is None:
             raise RuntimeError("the Redis storage is not connected (use it as `async with`)")
         return self._client
 
-    async def _run(self, script: AsyncScript, *args: str | int | bytes) -> Any:
-        """Run one of the spool scripts (not the listing) with its keys and key prefixes."""
-        return await script(keys=self._indexes, args=[*self._key_prefixes, *args])
+    async def _run(self, shard: _Shard, script: AsyncScript, *args: str | int | bytes) -> Any:
+        """Run one of the spool scripts (not the listing) on ``shard``."""
+        return await script(keys=list(shard.indexes), args=[*shard.prefixes, *args])
+
+    async def _each_shard(self, command: Callable[[Any, _Shard], object]) -> list[Any]:
+        """One read per shard, in one pipeline (a cluster's groups them by node)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for shard in self._shards:
+                command(pipe, shard)
+            return list(await pipe.execute())
+
+    def _by_shard(self, ids: Iterable[str]) -> dict[int, list[int]]:
+        """The positions of ``ids``, by shard number."""
+        groups: dict[int, list[int]] = {}
+        count = len(self._shards)
+        for position, payload_id in enumerate(ids):
+            number = 0 if count == 1 else shard_of(payload_id, count)
+            groups.setdefault(number, []).append(position)
+        return groups
 
     # -- the hooks -------------------------------------------------------------------------------
 
@@ -237,66 +352,145 @@ class RedisStorage(SpoolStorage):
     async def _store(
         self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
     ) -> Stored:
+        outcomes: list[bytes] = [b""] * len(batch)
+
+        async def store_in(shard: _Shard, positions: list[int]) -> None:
+            mine = [batch[i] for i in positions]
+            for start, end in _chunks(mine):
+                args: list[str | int | bytes] = []
+                for i in positions[start:end]:
+                    p, digest = batch[i], digests[i]
+                    error = (0, "") if p.last_error is None else (1, p.last_error)
+                    args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
+                    args += [p.attempts, *error]
+                    args += [p.properties.message_id or "", p.properties.correlation_id or ""]
+                    args += [digest, derived_id(p.id, digest)]
+                got = await self._store_chunk(shard, state, args)
+                for i, outcome in zip(positions[start:end], got, strict=True):
+                    outcomes[i] = outcome
+
+        groups = self._by_shard(p.id for p in batch)
+        await _all(store_in(self._shards[n], positions) for n, positions in groups.items())
         stored = Stored()
-        for start, end in _chunks(batch):
-            args: list[str | int | bytes] = []
-            for p, digest in zip(batch[start:end], digests[start:end], strict=True):
-                error = (0, "") if p.last_error is None else (1, p.last_error)
-                args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
-                args += [p.attempts, *error]
-                args += [p.properties.message_id or "", p.properties.correlation_id or ""]
-                args += [digest, derived_id(p.id, digest)]
-            outcome = await self._run(self._store_script, state, *args)
-            for p, got in zip(batch[start:end], outcome, strict=True):
-                if not got:
-                    stored.duplicates.append(p.id)
-                    continue
-                stored.new.append(got.decode())
-                if got.decode() != p.id:
-                    stored.renamed[p.id] = got.decode()
+        for p, got in zip(batch, outcomes, strict=True):
+            if not got:
+                stored.duplicates.append(p.id)
+                continue
+            stored.new.append(got.decode())
+            if got.decode() != p.id:
+                stored.renamed[p.id] = got.decode()
         return stored
+
+    async def _store_chunk(
+        self, shard: _Shard, state: EntryState, args: list[str | int | bytes]
+    ) -> list[bytes]:
+        """Store one chunk in ``shard``; with ``wait_replicas``, return only once that many
+        replicas have it (``WAIT``), and raise a :class:`~payler.errors.TransientError` when
+        fewer acknowledged it in time: the source is not acknowledged, the batch comes again."""
+        wanted = self.options.wait_replicas
+        if not wanted:
+            return list(await self._run(shard, self._store_script, state, *args))
+        client = self.client
+        # WAIT covers the writes made on *its* connection: the script, then a counter bump (a
+        # write even when every payload was a duplicate, stored by an earlier attempt that may
+        # not have reached a replica), then WAIT, pipelined on the shard's master's connection.
+        target: dict[str, Any] = {}
+        if isinstance(client, RedisCluster):
+            target["target_nodes"] = client.get_node_from_key(shard.keys.visible)
+        async with client.pipeline(transaction=False) as pipe:
+            keys = shard.indexes
+            pipe.eval(
+                scripts.SPOOL + scripts.STORE, len(keys), *keys, *shard.prefixes, state, *args
+            )
+            pipe.incr(shard.keys.wait_fence)
+            pipe.execute_command("WAIT", wanted, self.options.wait_timeout_ms, **target)
+            outcome, _, acked = await pipe.execute()
+        if int(acked) < wanted:
+            raise TransientError(
+                f"Redis spool: {int(acked)} of {wanted} replicas acknowledged a store within "
+                f"{self.options.wait_timeout_ms} ms (wait_replicas): it is retried"
+            )
+        return list(outcome)
 
     @_transient
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
         token = new_token()
-        records = await self._run(self._claim_script, now_ms, limit, now_ms + lease_ms, token)
+        shares = await self._claim_shares(now_ms, limit)
+        lease_end = now_ms + lease_ms
+        claimed = await _all(
+            self._run(self._shards[n], self._claim_script, now_ms, share, lease_end, token)
+            for n, share in shares.items()
+        )
+        records = [record for got in claimed for record in got]
         payloads = sorted(map(_payload, records), key=lambda p: (p.due_ms, p.id))
         return [Claim(p, token) for p in payloads]
 
+    async def _claim_shares(self, now_ms: int, limit: int) -> dict[int, int]:
+        """How many entries to claim in each shard: the earliest ``limit`` visible ones of all
+        the shards' heads (one pipelined read). Another instance may claim some of them before
+        this one does: the shard's claim then takes its next visible ones (still due)."""
+        if len(self._shards) == 1:
+            return {0: limit}
+        heads = await self._each_shard(
+            lambda pipe, shard: pipe.zrangebyscore(
+                shard.keys.visible, "-inf", now_ms, start=0, num=limit, withscores=True
+            )
+        )
+        merged = sorted(
+            (score, member, number) for number, head in enumerate(heads) for member, score in head
+        )
+        shares: dict[int, int] = {}
+        for _, _, number in merged[:limit]:
+            shares[number] = shares.get(number, 0) + 1
+        return shares
+
     @_transient
     async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
-        pairs = [part for c in claims for part in (c.payload.id, c.token)]
-        return int(await self._run(self._ack_script, tombstone_until_ms, *pairs))
+        async def ack_in(shard: _Shard, positions: list[int]) -> int:
+            pairs = [part for i in positions for part in (claims[i].payload.id, claims[i].token)]
+            return int(await self._run(shard, self._ack_script, tombstone_until_ms, *pairs))
+
+        groups = self._by_shard(c.payload.id for c in claims)
+        return sum(await _all(ack_in(self._shards[n], pos) for n, pos in groups.items()))
 
     @_transient
     async def _purge_tombstones(self, now_ms: int) -> None:
-        forgotten = _PURGE_CHUNK
-        while forgotten == _PURGE_CHUNK:  # a chunk at a time: the server pauses for none long
-            forgotten = int(await self._run(self._purge_script, now_ms, _PURGE_CHUNK))
+        async def purge(shard: _Shard) -> None:
+            forgotten = _PURGE_CHUNK
+            while forgotten == _PURGE_CHUNK:  # a chunk at a time: the server pauses for none long
+                forgotten = int(await self._run(shard, self._purge_script, now_ms, _PURGE_CHUNK))
+
+        await _all(purge(shard) for shard in self._shards)
 
     @_transient
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
         args = (claim.payload.id, claim.token, due_ms, reason)
-        return bool(await self._run(self._retry_script, *args))
+        shard = self._shard(claim.payload.id)
+        return bool(await self._run(shard, self._retry_script, *args))
 
     @_transient
     async def _dead_letter(self, claim: Claim, reason: str) -> bool:
         args = (claim.payload.id, claim.token, reason)
-        return bool(await self._run(self._dead_script, *args))
+        shard = self._shard(claim.payload.id)
+        return bool(await self._run(shard, self._dead_script, *args))
 
     @_transient
     async def _next_visible_ms(self) -> int | None:
-        first = await self.client.zrange(self.keys.visible, 0, 0, withscores=True)
-        return int(first[0][1]) if first else None
+        heads = await self._each_shard(
+            lambda pipe, shard: pipe.zrange(shard.keys.visible, 0, 0, withscores=True)
+        )
+        firsts = [int(head[0][1]) for head in heads if head]
+        return min(firsts) if firsts else None
 
     @_transient
     async def _get(self, payload_id: str) -> Payload | None:
-        record = await self.client.hmget(self.keys.entry(payload_id), list(RECORD))
+        keys = self.shard(payload_id)
+        record = await self.client.hmget(keys.entry(payload_id), list(RECORD))
         return None if record[0] is None else _payload(record)
 
     @_transient
     async def _state_of(self, payload_id: str) -> EntryState | None:
-        state = await self.client.hget(self.keys.entry(payload_id), "state")
+        state = await self.client.hget(self.shard(payload_id).entry(payload_id), "state")
         if state is None:
             return None
         return "dead" if state == b"dead" else "pending"
@@ -312,51 +506,77 @@ class RedisStorage(SpoolStorage):
         cursor: str | None,
     ) -> Page:
         after_due, after_id = decode_cursor(cursor) if cursor else ("", "")
-        records = await self._list_script(
-            keys=[self._index(destination, state)],
-            args=[
-                self.keys.entry_prefix,
-                limit,
-                "-inf" if due_from_ms is None else f"({due_from_ms}",
-                "" if due_to_ms is None else due_to_ms,
-                after_due,
-                after_id,
-            ],
+
+        async def list_in(shard: _Shard) -> list[Any]:
+            return list(
+                await self._list_script(
+                    keys=[shard.index(destination, state)],
+                    args=[
+                        shard.keys.entry_prefix,
+                        limit,
+                        "-inf" if due_from_ms is None else f"({due_from_ms}",
+                        "" if due_to_ms is None else due_to_ms,
+                        after_due,
+                        after_id,
+                    ],
+                )
+            )
+
+        pages = await _all(list_in(shard) for shard in self._shards)
+        # Each shard's page is in (due, id) order, ids byte-wise: so is their merge.
+        merged = sorted(
+            (_payload(record) for page in pages for record in page),
+            key=lambda p: (p.due_ms, p.id.encode()),
         )
-        items = [_payload(record) for record in records[:limit]]
-        more = len(records) > limit
+        items = merged[:limit]
+        more = len(merged) > limit
         return Page(items, encode_cursor(items[-1].due_ms, items[-1].id) if more else None)
 
     @_transient
     async def _count(self, destination: str | None, state: EntryState) -> int:
-        """O(1): every (state, destination) pair has an index of its own."""
-        return int(await self.client.zcard(self._index(destination, state)))
+        """O(shards): every (state, destination) pair has an index of its own in each shard."""
+        counts = await self._each_shard(
+            lambda pipe, shard: pipe.zcard(shard.index(destination, state))
+        )
+        return sum(int(count) for count in counts)
 
     @_transient
     async def _count_due(
         self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
     ) -> int:
-        """O(log n): ZCOUNT on the due-time index of the state (and destination)."""
+        """O(shards × log n): ZCOUNT on the due-time index of the state (and destination)."""
         low = "-inf" if start_ms is None else start_ms
         high = "+inf" if end_ms is None else f"({end_ms}"
-        return int(await self.client.zcount(self._index(destination, state), low, high))
+        counts = await self._each_shard(
+            lambda pipe, shard: pipe.zcount(shard.index(destination, state), low, high)
+        )
+        return sum(int(count) for count in counts)
 
     @_transient
     async def _lookup(
         self, field: LookupField, value: str, state: EntryState, limit: int
     ) -> list[Payload]:
-        index = self.keys.lookup(field, value)
+        found = await _all(
+            self._lookup_in(shard, field, value, state, limit) for shard in self._shards
+        )
+        return sorted((p for got in found for p in got), key=lambda p: p.id.encode())[:limit]
+
+    async def _lookup_in(
+        self, shard: _Shard, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        """The first ``limit`` entries of ``shard`` in ``state`` with that value, by id."""
+        client, keys = self.client, shard.keys
+        index = keys.lookup(field, value)
         # One value: a handful of entries. (Bytes: the client does not decode responses.)
         ids = sorted(
-            bytes(m) if isinstance(m, bytes) else m.encode()
-            for m in await self.client.smembers(index)
+            bytes(m) if isinstance(m, bytes) else m.encode() for m in await client.smembers(index)
         )
         found: list[Payload] = []
         gone: list[bytes] = []
         for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500)):
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for payload_id in chunk:
-                    pipe.hmget(self.keys.entry(payload_id.decode()), [*RECORD, "state"])
+                    pipe.hmget(keys.entry(payload_id.decode()), [*RECORD, "state"])
                 records = await pipe.execute()
             for payload_id, record in zip(chunk, records, strict=True):
                 if record[0] is None:
@@ -364,21 +584,18 @@ class RedisStorage(SpoolStorage):
                 elif record[-1] == state.encode() and len(found) < limit:
                     found.append(_payload(record[:-1]))
         if gone:
-            await self.client.srem(index, *gone)
+            await client.srem(index, *gone)
         return found
 
     @_transient
     async def _cancel(self, payload_id: str) -> bool:
-        return bool(await self._run(self._cancel_script, payload_id))
+        shard = self._shard(payload_id)
+        return bool(await self._run(shard, self._cancel_script, payload_id))
 
     @_transient
     async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
-        return bool(await self._run(self._reschedule_script, payload_id, due_ms))
-
-    def _index(self, destination: str | None, state: EntryState) -> str:
-        if destination is None:
-            return self.keys.by_due(state)
-        return self.keys.by_destination(state, destination)
+        shard = self._shard(payload_id)
+        return bool(await self._run(shard, self._reschedule_script, payload_id, due_ms))
 
 
 def _chunks(batch: Sequence[Payload]) -> Iterator[tuple[int, int]]:
@@ -407,4 +624,4 @@ def _payload(record: Sequence[Any]) -> Payload:
     )
 
 
-__all__ = ["RedisStorage", "split_prefix"]
+__all__ = ["RedisOptions", "RedisStorage", "split_prefix"]
