@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,7 +56,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from payler import codec
 from payler.clock import Clock
@@ -100,14 +101,41 @@ _STORE_CHUNK_BYTES = 16 * 1024 * 1024
 #: Expired tombstones forgotten per purge script call (the purge loops): bounds the server's pause.
 _PURGE_CHUNK = 1000
 
+#: How a replica refuses WAIT (a pipeline that reached a master just demoted by a failover).
+_WAIT_ON_REPLICA = "WAIT cannot be used with replica"
+
 
 T = TypeVar("T")
+
 
 # Outages (a lost connection, and the error replies of a server that cannot write now: READONLY
 # after a failover, LOADING, OOM, BUSY, CLUSTERDOWN, TRYAGAIN...) are retried; any other error
 # reply is a bug. redis-py's cluster client raises some outages (a slot no node serves yet, no
 # node reachable) outside the RedisError family: is_transient tells them apart.
-_transient = transient_on((RedisError, RedisClusterException), "Redis spool", when=is_transient)
+def _is_outage(exc: BaseException) -> bool:
+    """:func:`~payler.errors.is_transient`, and one race of redis-py's cluster client: on
+    CLUSTERDOWN it closes every connection (to read the topology again) while other calls of
+    this storage may be using them, which then fail inside redis-py's connection module with an
+    AttributeError (its stream is gone: ``'NoneType' object has no attribute 'writelines'``).
+    Seen in the cluster failover test: a lost connection, by its cause."""
+    if isinstance(exc, AttributeError):
+        return _raised_in(exc, _REDIS_CONNECTION_MODULE)
+    return is_transient(exc)
+
+
+def _raised_in(exc: BaseException, path_end: str) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is in a file ending with
+    ``path_end``."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(path_end)
+
+
+_REDIS_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
+_transient = transient_on(
+    (RedisError, RedisClusterException, AttributeError), "Redis spool", when=_is_outage
+)
 
 
 def split_prefix(url: str) -> tuple[str, str]:
@@ -394,17 +422,32 @@ class RedisStorage(SpoolStorage):
         # WAIT covers the writes made on *its* connection: the script, then a counter bump (a
         # write even when every payload was a duplicate, stored by an earlier attempt that may
         # not have reached a replica), then WAIT, pipelined on the shard's master's connection.
-        target: dict[str, Any] = {}
+        script = scripts.SPOOL + scripts.STORE
+        node = None
         if isinstance(client, RedisCluster):
-            target["target_nodes"] = client.get_node_from_key(shard.keys.visible)
-        async with client.pipeline(transaction=False) as pipe:
-            keys = shard.indexes
-            pipe.eval(
-                scripts.SPOOL + scripts.STORE, len(keys), *keys, *shard.prefixes, state, *args
+            node = client.get_node_from_key(shard.keys.visible)
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                keys = shard.indexes
+                pipe.eval(script, len(keys), *keys, *shard.prefixes, state, *args)
+                pipe.incr(shard.keys.wait_fence)
+                pinned = {} if node is None else {"target_nodes": node}
+                pipe.execute_command("WAIT", wanted, self.options.wait_timeout_ms, **pinned)
+                outcome, _, acked = await pipe.execute()
+        except ResponseError as exc:
+            if _WAIT_ON_REPLICA not in str(exc):
+                raise
+            acked = None  # the node was just demoted: the script was redirected elsewhere
+        # The client followed a redirection (MOVED: a failover, a resharding) for the script
+        # or the counter: the WAIT pinned to the node it had then may not have covered them.
+        if node is not None and isinstance(client, RedisCluster):
+            current = client.get_node_from_key(shard.keys.visible)
+            acked = acked if current is not None and current.name == node.name else None
+        if acked is None:
+            raise TransientError(
+                "Redis spool: the shard's master changed during a store that waits for "
+                "replicas (a failover): it is retried"
             )
-            pipe.incr(shard.keys.wait_fence)
-            pipe.execute_command("WAIT", wanted, self.options.wait_timeout_ms, **target)
-            outcome, _, acked = await pipe.execute()
         if int(acked) < wanted:
             raise TransientError(
                 f"Redis spool: {int(acked)} of {wanted} replicas acknowledged a store within "
