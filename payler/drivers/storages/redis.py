@@ -56,7 +56,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from payler import codec
 from payler.clock import Clock
@@ -358,6 +358,34 @@ class RedisStorage(SpoolStorage):
         """Run one of the spool scripts (not the listing) on ``shard``."""
         return await script(keys=list(shard.indexes), args=[*shard.prefixes, *args])
 
+    async def _run_many(
+        self, calls: Sequence[tuple[_Shard, AsyncScript, Sequence[str | int | bytes]]]
+    ) -> list[Any]:
+        """Run spool scripts on several shards in one pipeline (a cluster's sends one per
+        node, at once): one round trip instead of one per shard. A node that does not have a
+        script yet (NOSCRIPT: a new master after a failover) gets it, and those calls again."""
+        if not calls:
+            return []
+        if len(calls) == 1:
+            shard, script, args = calls[0]
+            return [await self._run(shard, script, *args)]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for shard, script, args in calls:
+                keys = shard.indexes
+                # (By name: redis-py's cluster pipeline refuses its evalsha method, for the
+                # NOSCRIPT it cannot handle; this one handles it, below.)
+                pipe.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *shard.prefixes, *args
+                )
+            results = list(await pipe.execute(raise_on_error=False))
+        for i, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                shard, script, args = calls[i]
+                results[i] = await self._run(shard, script, *args)  # loads it, and runs it
+            elif isinstance(result, Exception):
+                raise result
+        return results
+
     async def _each_shard(self, command: Callable[[Any, _Shard], object]) -> list[Any]:
         """One read per shard, in one pipeline (a cluster's groups them by node)."""
         async with self.client.pipeline(transaction=False) as pipe:
@@ -381,10 +409,9 @@ class RedisStorage(SpoolStorage):
         self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
     ) -> Stored:
         outcomes: list[bytes] = [b""] * len(batch)
-
-        async def store_in(shard: _Shard, positions: list[int]) -> None:
-            mine = [batch[i] for i in positions]
-            for start, end in _chunks(mine):
+        chunks: list[tuple[_Shard, list[int], list[str | int | bytes]]] = []
+        for number, positions in self._by_shard(p.id for p in batch).items():
+            for start, end in _chunks([batch[i] for i in positions]):
                 args: list[str | int | bytes] = []
                 for i in positions[start:end]:
                     p, digest = batch[i], digests[i]
@@ -393,12 +420,15 @@ class RedisStorage(SpoolStorage):
                     args += [p.attempts, *error]
                     args += [p.properties.message_id or "", p.properties.correlation_id or ""]
                     args += [digest, derived_id(p.id, digest)]
-                got = await self._store_chunk(shard, state, args)
-                for i, outcome in zip(positions[start:end], got, strict=True):
-                    outcomes[i] = outcome
-
-        groups = self._by_shard(p.id for p in batch)
-        await _all(store_in(self._shards[n], positions) for n, positions in groups.items())
+                chunks.append((self._shards[number], positions[start:end], args))
+        if self.options.wait_replicas:
+            done = await _all(self._store_waiting(shard, state, args) for shard, _, args in chunks)
+        else:
+            calls = [(shard, self._store_script, [state, *args]) for shard, _, args in chunks]
+            done = await self._run_many(calls)
+        for (_, positions, _), results in zip(chunks, done, strict=True):
+            for i, outcome in zip(positions, results, strict=True):
+                outcomes[i] = outcome
         stored = Stored()
         for p, got in zip(batch, outcomes, strict=True):
             if not got:
@@ -409,15 +439,13 @@ class RedisStorage(SpoolStorage):
                 stored.renamed[p.id] = got.decode()
         return stored
 
-    async def _store_chunk(
+    async def _store_waiting(
         self, shard: _Shard, state: EntryState, args: list[str | int | bytes]
     ) -> list[bytes]:
-        """Store one chunk in ``shard``; with ``wait_replicas``, return only once that many
-        replicas have it (``WAIT``), and raise a :class:`~payler.errors.TransientError` when
-        fewer acknowledged it in time: the source is not acknowledged, the batch comes again."""
+        """Store one chunk in ``shard`` and return only once ``wait_replicas`` replicas have it
+        (``WAIT``); raise a :class:`~payler.errors.TransientError` when fewer acknowledged it
+        in time: the source is not acknowledged, the batch comes again."""
         wanted = self.options.wait_replicas
-        if not wanted:
-            return list(await self._run(shard, self._store_script, state, *args))
         client = self.client
         # WAIT covers the writes made on *its* connection: the script, then a counter bump (a
         # write even when every payload was a duplicate, stored by an earlier attempt that may
@@ -460,9 +488,11 @@ class RedisStorage(SpoolStorage):
         token = new_token()
         shares = await self._claim_shares(now_ms, limit)
         lease_end = now_ms + lease_ms
-        claimed = await _all(
-            self._run(self._shards[n], self._claim_script, now_ms, share, lease_end, token)
-            for n, share in shares.items()
+        claimed = await self._run_many(
+            [
+                (self._shards[n], self._claim_script, (now_ms, share, lease_end, token))
+                for n, share in shares.items()
+            ]
         )
         records = [record for got in claimed for record in got]
         payloads = sorted(map(_payload, records), key=lambda p: (p.due_ms, p.id))
@@ -489,12 +519,12 @@ class RedisStorage(SpoolStorage):
 
     @_transient
     async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
-        async def ack_in(shard: _Shard, positions: list[int]) -> int:
-            pairs = [part for i in positions for part in (claims[i].payload.id, claims[i].token)]
-            return int(await self._run(shard, self._ack_script, tombstone_until_ms, *pairs))
-
-        groups = self._by_shard(c.payload.id for c in claims)
-        return sum(await _all(ack_in(self._shards[n], pos) for n, pos in groups.items()))
+        calls: list[tuple[_Shard, AsyncScript, list[str | int | bytes]]] = []
+        for number, positions in self._by_shard(c.payload.id for c in claims).items():
+            args: list[str | int | bytes] = [tombstone_until_ms]
+            args += [part for i in positions for part in (claims[i].payload.id, claims[i].token)]
+            calls.append((self._shards[number], self._ack_script, args))
+        return sum(int(settled) for settled in await self._run_many(calls))
 
     @_transient
     async def _purge_tombstones(self, now_ms: int) -> None:

@@ -126,3 +126,19 @@ async def test_waiting_for_a_replica_that_is_not_there_is_an_outage(
         await wait_for_role(replica, "slave")
         assert await storage.store([payload("a"), payload("b")]) == 1
         assert await storage.count() == 2
+
+
+@pytest.mark.redis
+async def test_a_server_that_lost_its_scripts_gets_them_again(redis_servers: RedisServers) -> None:
+    # A new master after a failover may not have the scripts that the pipelined calls (claims,
+    # acks, stores over several shards) name by their SHA1: NOSCRIPT, then loaded and run.
+    server = redis_servers.start()
+    async with RedisStorage(f"{server}?shards=4") as storage:
+        await storage.store([payload(f"id-{i}") for i in range(20)])
+        await storage.client.script_flush()
+        claims = await storage.claim_due(0, 20, 10_000)
+        assert len(claims) == 20
+        await storage.client.script_flush()
+        assert await storage.ack(claims) == 20
+        await storage.client.script_flush()
+        assert await storage.store([payload(f"other-{i}") for i in range(20)]) == 20
