@@ -499,21 +499,30 @@ class RedisStorage(SpoolStorage):
         return [Claim(p, token) for p in payloads]
 
     async def _claim_shares(self, now_ms: int, limit: int) -> dict[int, int]:
-        """How many entries to claim in each shard: the earliest ``limit`` visible ones of all
-        the shards' heads (one pipelined read). Another instance may claim some of them before
-        this one does: the shard's claim then takes its next visible ones (still due)."""
-        if len(self._shards) == 1:
+        """How many entries to claim in each shard, from one pipelined read of every shard's
+        head (its first 2 × ``limit`` / shards visible entries): the earliest ``limit`` of them
+        all, so that a shard with older entries goes first and none waits while others are
+        drained. What is left of ``limit`` goes to the shards whose head was full (they may
+        have more). Another instance may claim some of them first: a shard's claim then takes
+        its next visible ones (still due, still earliest first within the shard)."""
+        count = len(self._shards)
+        if count == 1:
             return {0: limit}
+        head = min(limit, -(-2 * limit // count))
         heads = await self._each_shard(
             lambda pipe, shard: pipe.zrangebyscore(
-                shard.keys.visible, "-inf", now_ms, start=0, num=limit, withscores=True
+                shard.keys.visible, "-inf", now_ms, start=0, num=head, withscores=True
             )
         )
         merged = sorted(
-            (score, member, number) for number, head in enumerate(heads) for member, score in head
+            (score, member, number) for number, got in enumerate(heads) for member, score in got
         )
         shares: dict[int, int] = {}
         for _, _, number in merged[:limit]:
+            shares[number] = shares.get(number, 0) + 1
+        full = [number for number, got in enumerate(heads) if len(got) == head]
+        for i in range(limit - min(limit, len(merged)) if full else 0):
+            number = full[i % len(full)]
             shares[number] = shares.get(number, 0) + 1
         return shares
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Connection
@@ -142,3 +143,37 @@ async def test_a_server_that_lost_its_scripts_gets_them_again(redis_servers: Red
         assert await storage.ack(claims) == 20
         await storage.client.script_flush()
         assert await storage.store([payload(f"other-{i}") for i in range(20)]) == 20
+
+
+@pytest.fixture
+async def sharded() -> AsyncIterator[RedisStorage]:
+    """A spool of 4 shards on the shared server, under a prefix of this test's own."""
+    url = f"{REDIS_URL}?prefix=test-{uuid.uuid4().hex[:12]}:&shards=4"
+    async with RedisStorage(url) as storage:
+        try:
+            yield storage
+        finally:
+            keys = [k async for k in storage.client.scan_iter(match=storage.keys.match_all)]
+            if keys:
+                await storage.client.delete(*keys)
+
+
+def ids_in_shard(shard: int, count: int, shards: int = 4) -> list[str]:
+    found = (f"id-{shard}-{i}" for i in range(100_000))
+    return [i for i in found if shard_of(i, shards) == shard][:count]
+
+
+def due(payload_id: str, due_ms: int) -> Payload:
+    return Payload(id=payload_id, body=b"x", destination="out", due_ms=due_ms, created_ms=0)
+
+
+@pytest.mark.redis
+async def test_a_claim_takes_the_earliest_of_every_shard_s_head(sharded: RedisStorage) -> None:
+    # Shard 0 has a backlog of later entries; every shard has one entry due earlier.
+    early = [ids_in_shard(shard, 1)[0] for shard in range(4)]
+    backlog = ids_in_shard(0, 50)[1:]
+    await sharded.store([due(i, 100) for i in backlog] + [due(i, 10) for i in early])
+    first = await sharded.claim_due(1000, 4, 10_000)
+    assert sorted(c.payload.id for c in first) == sorted(early)
+    # Only shard 0 has due entries left: a claim still fills its limit from it.
+    assert len(await sharded.claim_due(1000, 20, 10_000)) == 20
