@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -35,9 +36,42 @@ from payler.payload import Payload
 from tests.redis_cluster import LocalCluster
 
 SINGLE_SERVER = "redis://127.0.0.1:6379/0"
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
-async def store_rate(url: str, count: int, batch: int, writers: int, size: int) -> dict[str, float]:
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` used so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+class Cpu:
+    """payler's CPU (this process) and the servers' (``pids``) over a block, per entry (µs)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def __enter__(self) -> Cpu:
+        self.own, self.servers = time.process_time(), cpu_of(self.pids)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.own = time.process_time() - self.own
+        self.servers = cpu_of(self.pids) - self.servers
+
+    def per_entry(self, entries: int) -> tuple[float, float]:
+        return 1e6 * self.own / entries, 1e6 * self.servers / entries if self.pids else 0.0
+
+
+async def store_rate(
+    url: str, count: int, batch: int, writers: int, size: int, pids: list[int]
+) -> dict[str, float]:
     """Store ``count`` payloads; entries per second and store-call latency percentiles."""
     body = b"x" * size
     latencies: list[float] = []
@@ -62,26 +96,32 @@ async def store_rate(url: str, count: int, batch: int, writers: int, size: int) 
                 latencies.append(time.perf_counter() - began)
 
         began = time.perf_counter()
-        await asyncio.gather(*(writer(n) for n in range(writers)))
+        with Cpu(pids) as cpu:
+            await asyncio.gather(*(writer(n) for n in range(writers)))
         elapsed = time.perf_counter() - began
         stored = await storage.count()
+    own_us, server_us = cpu.per_entry(stored)
     latencies.sort()
     return {
         "rate": stored / elapsed,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
         "stored": stored,
+        "payler_us": own_us,
+        "redis_us": server_us,
     }
 
 
-async def drain_rate(url: str, batch: int) -> float:
-    """Claim and ack everything in the spool; entries per second."""
+async def drain_rate(url: str, batch: int, pids: list[int]) -> tuple[float, float, float]:
+    """Claim and ack everything in the spool: entries per second, payler's and the servers'
+    CPU µs per entry."""
     async with RedisStorage(url) as storage:
         total = 0
         began = time.perf_counter()
-        while claims := await storage.claim_due(storage.clock.now_ms(), batch, 30_000):
-            total += await storage.ack(claims)
-        return total / (time.perf_counter() - began)
+        with Cpu(pids) as cpu:
+            while claims := await storage.claim_due(storage.clock.now_ms(), batch, 30_000):
+                total += await storage.ack(claims)
+        return (total / (time.perf_counter() - began), *cpu.per_entry(total))
 
 
 async def drop(url: str) -> None:
@@ -101,6 +141,10 @@ async def main(args: argparse.Namespace) -> None:
                 ("cluster, 16 shards", cluster.url(shards=16)),
             ):
                 waits = (0,) if base == SINGLE_SERVER else (0, 1)
+                # The cluster's six processes (masters and replicas); the shared server's
+                # CPU is not counted (other clients use it too).
+                pids = [n.process.pid for n in cluster.nodes if n.process]
+                pids = [] if base == SINGLE_SERVER else pids
                 for wait in waits:
                     for batch in (1, args.batch):
                         count = args.count // 10 if batch == 1 else args.count
@@ -109,12 +153,12 @@ async def main(args: argparse.Namespace) -> None:
                         if wait:
                             url += f"&wait_replicas={wait}"
                         try:
-                            got = await store_rate(url, count, batch, args.writers, args.size)
-                            drained = await drain_rate(url, args.batch) if batch > 1 else 0.0
+                            got = await store_rate(url, count, batch, args.writers, args.size, pids)
+                            drained = await drain_rate(url, args.batch, pids) if batch > 1 else None
                         finally:
                             await drop(url)
                         rows.append((label, wait, batch, got, drained))
-                        print(f"{label} wait={wait} batch={batch}: {got} drain={drained:.0f}/s")
+                        print(f"{label} wait={wait} batch={batch}: {got} drain={drained}")
         finally:
             cluster.stop()
     print()
@@ -124,13 +168,20 @@ async def main(args: argparse.Namespace) -> None:
     )
     print(
         "| spool | wait_replicas | batch | store entries/s | store call p50 ms | p99 ms "
-        "| claim+ack entries/s |"
+        "| store CPU µs/entry payler · Redis | claim+ack entries/s "
+        "| claim+ack CPU µs/entry payler · Redis |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --: | --: | --: | --: | --: | --: |")
     for label, wait, batch, got, drained in rows:
+        redis_us = f"{got['redis_us']:.0f}" if got["redis_us"] else "–"
+        drain = claim_cpu = "–"
+        if drained is not None:
+            drain = f"{drained[0]:,.0f}"
+            claim_cpu = f"{drained[1]:.0f} · " + (f"{drained[2]:.0f}" if drained[2] else "–")
         print(
             f"| {label} | {wait} | {batch} | {got['rate']:,.0f} | {got['p50_ms']:.2f} "
-            f"| {got['p99_ms']:.2f} | {f'{drained:,.0f}' if drained else '–'} |"
+            f"| {got['p99_ms']:.2f} | {got['payler_us']:.0f} · {redis_us} | {drain} "
+            f"| {claim_cpu} |"
         )
 
 
