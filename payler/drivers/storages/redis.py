@@ -422,7 +422,7 @@ class RedisStorage(SpoolStorage):
                     args += [digest, derived_id(p.id, digest)]
                 chunks.append((self._shards[number], positions[start:end], args))
         if self.options.wait_replicas:
-            done = await _all(self._store_waiting(shard, state, args) for shard, _, args in chunks)
+            done = await self._store_waiting([(shard, args) for shard, _, args in chunks], state)
         else:
             calls = [(shard, self._store_script, [state, *args]) for shard, _, args in chunks]
             done = await self._run_many(calls)
@@ -440,48 +440,81 @@ class RedisStorage(SpoolStorage):
         return stored
 
     async def _store_waiting(
-        self, shard: _Shard, state: EntryState, args: list[str | int | bytes]
-    ) -> list[bytes]:
-        """Store one chunk in ``shard`` and return only once ``wait_replicas`` replicas have it
-        (``WAIT``); raise a :class:`~payler.errors.TransientError` when fewer acknowledged it
-        in time: the source is not acknowledged, the batch comes again."""
-        wanted = self.options.wait_replicas
-        client = self.client
-        # WAIT covers the writes made on *its* connection: the script, then a counter bump (a
-        # write even when every payload was a duplicate, stored by an earlier attempt that may
-        # not have reached a replica), then WAIT, pipelined on the shard's master's connection.
-        script = scripts.SPOOL + scripts.STORE
-        node = None
+        self, chunks: Sequence[tuple[_Shard, Sequence[str | int | bytes]]], state: EntryState
+    ) -> list[list[bytes]]:
+        """Store ``chunks`` (shard, script arguments) and return only once ``wait_replicas``
+        replicas of every master they went to have them (``WAIT``); raise a
+        :class:`~payler.errors.TransientError` when fewer acknowledged in time: the source is
+        not acknowledged, the batch comes again (its entries are then duplicates, stored)."""
+        for attempt in range(2):
+            outcome = await self._store_and_wait(chunks, state)
+            if outcome is not None:
+                return outcome
+            if attempt == 0:  # NOSCRIPT: a master (new after a failover) lacks the script
+                await self.client.script_load(self._store_script.script)
+        raise TransientError("Redis spool: a master refused the store script twice (NOSCRIPT)")
+
+    def _masters(self, shards: Sequence[_Shard]) -> dict[str, ClusterNode]:
+        """The cluster nodes serving ``shards`` now, by name, as the client knows them (none
+        on a single server)."""
+        client, masters = self.client, {}
         if isinstance(client, RedisCluster):
-            node = client.get_node_from_key(shard.keys.visible)
-        try:
-            async with client.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                node = client.get_node_from_key(shard.keys.visible)
+                if node is not None:
+                    masters[node.name] = node
+        return masters
+
+    async def _store_and_wait(
+        self, chunks: Sequence[tuple[_Shard, Sequence[str | int | bytes]]], state: EntryState
+    ) -> list[list[bytes]] | None:
+        """One attempt of :meth:`_store_waiting`; None when a master lacks the script."""
+        client, wanted = self.client, self.options.wait_replicas
+        shards = list({id(shard): shard for shard, _ in chunks}.values())
+        # WAIT covers the writes made on *its* connection: the scripts, then a counter bump per
+        # shard (a write even when every payload was a duplicate, stored by an earlier attempt
+        # that may not have reached a replica), then WAIT, on each master's one connection (a
+        # cluster's pipeline sends each node its commands in order, on one connection).
+        masters = self._masters(shards)
+        async with client.pipeline(transaction=False) as pipe:
+            for shard, args in chunks:
                 keys = shard.indexes
-                pipe.eval(script, len(keys), *keys, *shard.prefixes, state, *args)
+                sha = self._store_script.sha
+                pipe.execute_command(
+                    "EVALSHA", sha, len(keys), *keys, *shard.prefixes, state, *args
+                )
+            for shard in shards:
                 pipe.incr(shard.keys.wait_fence)
-                pinned = {} if node is None else {"target_nodes": node}
-                pipe.execute_command("WAIT", wanted, self.options.wait_timeout_ms, **pinned)
-                outcome, _, acked = await pipe.execute()
-        except ResponseError as exc:
-            if _WAIT_ON_REPLICA not in str(exc):
-                raise
-            acked = None  # the node was just demoted: the script was redirected elsewhere
-        # The client followed a redirection (MOVED: a failover, a resharding) for the script
-        # or the counter: the WAIT pinned to the node it had then may not have covered them.
-        if node is not None and isinstance(client, RedisCluster):
-            current = client.get_node_from_key(shard.keys.visible)
-            acked = acked if current is not None and current.name == node.name else None
-        if acked is None:
+            timeout = self.options.wait_timeout_ms
+            for node in masters.values():
+                pipe.execute_command("WAIT", wanted, timeout, target_nodes=node)
+            if not masters:
+                pipe.execute_command("WAIT", wanted, timeout)
+            results = list(await pipe.execute(raise_on_error=False))
+        stored, acked = results[: len(chunks)], results[len(chunks) + len(shards) :]
+        if any(isinstance(result, NoScriptError) for result in stored):
+            return None
+        moved = False
+        for result in results:
+            if isinstance(result, ResponseError) and _WAIT_ON_REPLICA in str(result):
+                moved = True  # the node was just demoted: the scripts went elsewhere
+            elif isinstance(result, Exception):
+                raise result
+        # The client followed a redirection (MOVED: a failover, a resharding) for a script or
+        # a counter: the WAIT sent to the node it had then may not have covered them.
+        moved = moved or set(self._masters(shards)) != set(masters)
+        if moved:
             raise TransientError(
-                "Redis spool: the shard's master changed during a store that waits for "
+                "Redis spool: a shard's master changed during a store that waits for "
                 "replicas (a failover): it is retried"
             )
-        if int(acked) < wanted:
+        fewest = min(int(count) for count in acked)
+        if fewest < wanted:
             raise TransientError(
-                f"Redis spool: {int(acked)} of {wanted} replicas acknowledged a store within "
-                f"{self.options.wait_timeout_ms} ms (wait_replicas): it is retried"
+                f"Redis spool: {fewest} of {wanted} replicas acknowledged a store within "
+                f"{timeout} ms (wait_replicas): it is retried"
             )
-        return list(outcome)
+        return [list(got) for got in stored]
 
     @_transient
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
