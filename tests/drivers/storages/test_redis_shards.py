@@ -180,3 +180,12 @@ async def test_a_claim_takes_the_earliest_of_every_shard_s_head(sharded: RedisSt
     assert sorted(c.payload.id for c in first) == sorted(early)
     # Only shard 0 has due entries left: a claim still fills its limit from it.
     assert len(await sharded.claim_due(1000, 20, 10_000)) == 20
+
+
+async def test_a_cluster_no_node_of_which_answers_stops_the_start_naming_it() -> None:
+    url = "redis+cluster://u:s3cret-pw@127.0.0.1:1,127.0.0.1:2/"
+    with pytest.raises(
+        StartupError, match=r"127\.0\.0\.1:1,127\.0\.0\.1:2.*cannot be connected"
+    ) as e:
+        await RedisStorage(url, connect_timeout_s=1).connect()
+    assert "s3cret-pw" not in str(e.value)
