@@ -23,8 +23,8 @@ from tests.integration.conftest import Payler
 
 pytestmark = pytest.mark.rabbitmq
 
-#: Entries on the local Redis Cluster: bounded in CI (10,000 passed in 48 s on a shared
-#: 2-core machine, beside 32 s on the single server); PAYLER_TEST_CLUSTER_ENTRIES=10000 for the
+#: Entries on the local Redis Cluster: bounded in CI (10,000 passed in 30 s on a shared 2-core
+#: machine, the cluster's six processes on it too); PAYLER_TEST_CLUSTER_ENTRIES=10000 for the
 #: full size.
 CLUSTER_ENTRIES = int(os.environ.get("PAYLER_TEST_CLUSTER_ENTRIES", "3000"))
 CLUSTER = [pytest.mark.redis, pytest.mark.redis_cluster]
