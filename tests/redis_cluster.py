@@ -86,9 +86,9 @@ class Node:
         return done.stdout.decode(errors="replace").strip()
 
     def info(self, section: str) -> dict[str, str]:
-        lines = self.cli("INFO", section).splitlines() if section != "cluster" else []
-        if section == "cluster":
-            lines = self.cli("CLUSTER", "INFO").splitlines()
+        """``INFO section`` as a dict; ``cluster``: ``CLUSTER INFO`` (the cluster's state)."""
+        command = ("CLUSTER", "INFO") if section == "cluster" else ("INFO", section)
+        lines = self.cli(*command).splitlines()
         return dict(line.strip().split(":", 1) for line in lines if ":" in line)
 
 

@@ -32,7 +32,8 @@ every script touches one slot (:mod:`payler.drivers.storages.redis_shards`). A s
 payload to the shard of its id; a claim reads the head of every shard's claim index, takes the
 earliest ``limit`` of them all and claims each shard's share (so no shard waits while another
 has older entries); the admin operations ask every shard and merge. Without ``shards`` a
-``redis://`` spool keeps the unsharded key layout of earlier versions.
+``redis://`` spool keeps the unsharded key layout of earlier versions. How calls reach the
+shards (pipelines, WAIT) and which errors are outages: :mod:`payler.drivers.storages.redis_calls`.
 
 redis-py's own command retries are turned off: a lost connection surfaces at once as a
 :class:`~payler.errors.TransientError` and the runtime restarts the workflow with backoff, the one
@@ -45,10 +46,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -56,11 +55,11 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError
 
 from payler import codec
 from payler.clock import Clock
-from payler.drivers.storages import HARD_MAX_BODY_BYTES
+from payler.drivers.storages import HARD_MAX_BODY_BYTES, redis_calls
 from payler.drivers.storages import redis_scripts as scripts
 from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
@@ -75,6 +74,7 @@ from payler.drivers.storages.base import (
     new_token,
 )
 from payler.drivers.storages.dedupe import Stored
+from payler.drivers.storages.redis_calls import Shard
 from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
 from payler.drivers.storages.redis_scripts import RECORD
 from payler.drivers.storages.redis_shards import (
@@ -85,7 +85,7 @@ from payler.drivers.storages.redis_shards import (
     shard_of,
     split_options,
 )
-from payler.errors import StartupError, TransientError, is_transient, transient_on
+from payler.errors import StartupError, TransientError, transient_on
 from payler.identity import derived_id
 from payler.metrics import Metrics
 from payler.payload import Payload
@@ -101,40 +101,11 @@ _STORE_CHUNK_BYTES = 16 * 1024 * 1024
 #: Expired tombstones forgotten per purge script call (the purge loops): bounds the server's pause.
 _PURGE_CHUNK = 1000
 
-#: How a replica refuses WAIT (a pipeline that reached a master just demoted by a failover).
-_WAIT_ON_REPLICA = "WAIT cannot be used with replica"
-
-
-T = TypeVar("T")
-
-
 # Outages (a lost connection, and the error replies of a server that cannot write now: READONLY
 # after a failover, LOADING, OOM, BUSY, CLUSTERDOWN, TRYAGAIN...) are retried; any other error
-# reply is a bug. redis-py's cluster client raises some outages (a slot no node serves yet, no
-# node reachable) outside the RedisError family: is_transient tells them apart.
-def _is_outage(exc: BaseException) -> bool:
-    """:func:`~payler.errors.is_transient`, and one race of redis-py's cluster client: on
-    CLUSTERDOWN it closes every connection (to read the topology again) while other calls of
-    this storage may be using them, which then fail inside redis-py's connection module with an
-    AttributeError (its stream is gone: ``'NoneType' object has no attribute 'writelines'``).
-    Seen in the cluster failover test: a lost connection, by its cause."""
-    if isinstance(exc, AttributeError):
-        return _raised_in(exc, _REDIS_CONNECTION_MODULE)
-    return is_transient(exc)
-
-
-def _raised_in(exc: BaseException, path_end: str) -> bool:
-    """Whether the innermost frame of ``exc``'s traceback is in a file ending with
-    ``path_end``."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(path_end)
-
-
-_REDIS_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
+# reply is a bug (redis_redis_calls.is_outage says which is which).
 _transient = transient_on(
-    (RedisError, RedisClusterException, AttributeError), "Redis spool", when=_is_outage
+    (RedisError, RedisClusterException, AttributeError), "Redis spool", when=redis_calls.is_outage
 )
 
 
@@ -145,50 +116,6 @@ def split_prefix(url: str) -> tuple[str, str]:
     prefixes = [value for name, value in query if name == "prefix"]
     rest = urlencode([(name, value) for name, value in query if name != "prefix"])
     return urlunsplit(parts._replace(query=rest)), prefixes[-1] if prefixes else DEFAULT_PREFIX
-
-
-@dataclass(frozen=True, slots=True)
-class _Shard:
-    """One shard's keys, as the scripts take them."""
-
-    keys: KeySpace
-    #: KEYS of every script but the listing.
-    indexes: tuple[str, ...]
-    #: The first ARGVs of every script but the listing.
-    prefixes: tuple[str, ...]
-
-    @classmethod
-    def of(cls, keys: KeySpace) -> _Shard:
-        indexes = (
-            keys.visible,
-            keys.by_due("pending"),
-            keys.by_due("dead"),
-            keys.delivered,
-            keys.delivered_digests,
-        )
-        prefixes = (
-            keys.entry_prefix,
-            keys.destination_prefix("pending"),
-            keys.destination_prefix("dead"),
-        )
-        return cls(keys, indexes, prefixes)
-
-    def index(self, destination: str | None, state: EntryState) -> str:
-        if destination is None:
-            return self.keys.by_due(state)
-        return self.keys.by_destination(state, destination)
-
-
-async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
-    """Run ``calls`` concurrently (one per shard); once all have ended, raise the first error.
-
-    Not a TaskGroup: its ExceptionGroup would hide a Redis error from the outage check, and a
-    shard's call that fails leaves the others' effects in place anyway (each is atomic)."""
-    outcomes = await asyncio.gather(*calls, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return outcomes  # type: ignore[return-value]  # no exception is left in it
 
 
 class RedisStorage(SpoolStorage):
@@ -228,7 +155,7 @@ class RedisStorage(SpoolStorage):
             self._redis_url, self._nodes = cluster_nodes(self._redis_url)
         #: The spool's keys (when sharded, the shards' keys start with its prefix).
         self.keys = KeySpace(options.prefix)
-        self._shards = [_Shard.of(keys) for keys in shard_keys(options.prefix, options.shards)]
+        self._shards = [Shard.of(keys) for keys in shard_keys(options.prefix, options.shards)]
         self._client: Redis | RedisCluster | None = None
 
     @property
@@ -240,7 +167,7 @@ class RedisStorage(SpoolStorage):
         """The keys of the shard that holds (or would hold) ``payload_id``."""
         return self._shard(payload_id).keys
 
-    def _shard(self, payload_id: str) -> _Shard:
+    def _shard(self, payload_id: str) -> Shard:
         if len(self._shards) == 1:
             return self._shards[0]
         return self._shards[shard_of(payload_id, len(self._shards))]
@@ -354,44 +281,19 @@ class RedisStorage(SpoolStorage):
             raise RuntimeError("the Redis storage is not connected (use it as `async with`)")
         return self._client
 
-    async def _run(self, shard: _Shard, script: AsyncScript, *args: str | int | bytes) -> Any:
+    async def _run(self, shard: Shard, script: AsyncScript, *args: str | int | bytes) -> Any:
         """Run one of the spool scripts (not the listing) on ``shard``."""
-        return await script(keys=list(shard.indexes), args=[*shard.prefixes, *args])
+        return await redis_calls.run(shard, script, *args)
 
     async def _run_many(
-        self, calls: Sequence[tuple[_Shard, AsyncScript, Sequence[str | int | bytes]]]
+        self, many: Sequence[tuple[Shard, AsyncScript, Sequence[str | int | bytes]]]
     ) -> list[Any]:
-        """Run spool scripts on several shards in one pipeline (a cluster's sends one per
-        node, at once): one round trip instead of one per shard. A node that does not have a
-        script yet (NOSCRIPT: a new master after a failover) gets it, and those calls again."""
-        if not calls:
-            return []
-        if len(calls) == 1:
-            shard, script, args = calls[0]
-            return [await self._run(shard, script, *args)]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for shard, script, args in calls:
-                keys = shard.indexes
-                # (By name: redis-py's cluster pipeline refuses its evalsha method, for the
-                # NOSCRIPT it cannot handle; this one handles it, below.)
-                pipe.execute_command(
-                    "EVALSHA", script.sha, len(keys), *keys, *shard.prefixes, *args
-                )
-            results = list(await pipe.execute(raise_on_error=False))
-        for i, result in enumerate(results):
-            if isinstance(result, NoScriptError):
-                shard, script, args = calls[i]
-                results[i] = await self._run(shard, script, *args)  # loads it, and runs it
-            elif isinstance(result, Exception):
-                raise result
-        return results
+        """:func:`~.redis_calls.run_many` on this storage's client."""
+        return await redis_calls.run_many(self.client, many)
 
-    async def _each_shard(self, command: Callable[[Any, _Shard], object]) -> list[Any]:
-        """One read per shard, in one pipeline (a cluster's groups them by node)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for shard in self._shards:
-                command(pipe, shard)
-            return list(await pipe.execute())
+    async def _each_shard(self, command: Callable[[Any, Shard], object]) -> list[Any]:
+        """:func:`~.redis_calls.each_shard` over every shard of the spool."""
+        return await redis_calls.each_shard(self.client, self._shards, command)
 
     def _by_shard(self, ids: Iterable[str]) -> dict[int, list[int]]:
         """The positions of ``ids``, by shard number."""
@@ -409,7 +311,7 @@ class RedisStorage(SpoolStorage):
         self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
     ) -> Stored:
         outcomes: list[bytes] = [b""] * len(batch)
-        chunks: list[tuple[_Shard, list[int], list[str | int | bytes]]] = []
+        chunks: list[tuple[Shard, list[int], list[str | int | bytes]]] = []
         for number, positions in self._by_shard(p.id for p in batch).items():
             for start, end in _chunks([batch[i] for i in positions]):
                 args: list[str | int | bytes] = []
@@ -440,81 +342,26 @@ class RedisStorage(SpoolStorage):
         return stored
 
     async def _store_waiting(
-        self, chunks: Sequence[tuple[_Shard, Sequence[str | int | bytes]]], state: EntryState
+        self, chunks: Sequence[tuple[Shard, Sequence[str | int | bytes]]], state: EntryState
     ) -> list[list[bytes]]:
         """Store ``chunks`` (shard, script arguments) and return only once ``wait_replicas``
         replicas of every master they went to have them (``WAIT``); raise a
         :class:`~payler.errors.TransientError` when fewer acknowledged in time: the source is
         not acknowledged, the batch comes again (its entries are then duplicates, stored)."""
         for attempt in range(2):
-            outcome = await self._store_and_wait(chunks, state)
+            outcome = await redis_calls.store_and_wait(
+                self.client,
+                self._store_script,
+                chunks,
+                state,
+                self.options.wait_replicas,
+                self.options.wait_timeout_ms,
+            )
             if outcome is not None:
                 return outcome
             if attempt == 0:  # NOSCRIPT: a master (new after a failover) lacks the script
                 await self.client.script_load(self._store_script.script)
         raise TransientError("Redis spool: a master refused the store script twice (NOSCRIPT)")
-
-    def _masters(self, shards: Sequence[_Shard]) -> dict[str, ClusterNode]:
-        """The cluster nodes serving ``shards`` now, by name, as the client knows them (none
-        on a single server)."""
-        client, masters = self.client, {}
-        if isinstance(client, RedisCluster):
-            for shard in shards:
-                node = client.get_node_from_key(shard.keys.visible)
-                if node is not None:
-                    masters[node.name] = node
-        return masters
-
-    async def _store_and_wait(
-        self, chunks: Sequence[tuple[_Shard, Sequence[str | int | bytes]]], state: EntryState
-    ) -> list[list[bytes]] | None:
-        """One attempt of :meth:`_store_waiting`; None when a master lacks the script."""
-        client, wanted = self.client, self.options.wait_replicas
-        shards = list({id(shard): shard for shard, _ in chunks}.values())
-        # WAIT covers the writes made on *its* connection: the scripts, then a counter bump per
-        # shard (a write even when every payload was a duplicate, stored by an earlier attempt
-        # that may not have reached a replica), then WAIT, on each master's one connection (a
-        # cluster's pipeline sends each node its commands in order, on one connection).
-        masters = self._masters(shards)
-        async with client.pipeline(transaction=False) as pipe:
-            for shard, args in chunks:
-                keys = shard.indexes
-                sha = self._store_script.sha
-                pipe.execute_command(
-                    "EVALSHA", sha, len(keys), *keys, *shard.prefixes, state, *args
-                )
-            for shard in shards:
-                pipe.incr(shard.keys.wait_fence)
-            timeout = self.options.wait_timeout_ms
-            for node in masters.values():
-                pipe.execute_command("WAIT", wanted, timeout, target_nodes=node)
-            if not masters:
-                pipe.execute_command("WAIT", wanted, timeout)
-            results = list(await pipe.execute(raise_on_error=False))
-        stored, acked = results[: len(chunks)], results[len(chunks) + len(shards) :]
-        if any(isinstance(result, NoScriptError) for result in stored):
-            return None
-        moved = False
-        for result in results:
-            if isinstance(result, ResponseError) and _WAIT_ON_REPLICA in str(result):
-                moved = True  # the node was just demoted: the scripts went elsewhere
-            elif isinstance(result, Exception):
-                raise result
-        # The client followed a redirection (MOVED: a failover, a resharding) for a script or
-        # a counter: the WAIT sent to the node it had then may not have covered them.
-        moved = moved or set(self._masters(shards)) != set(masters)
-        if moved:
-            raise TransientError(
-                "Redis spool: a shard's master changed during a store that waits for "
-                "replicas (a failover): it is retried"
-            )
-        fewest = min(int(count) for count in acked)
-        if fewest < wanted:
-            raise TransientError(
-                f"Redis spool: {fewest} of {wanted} replicas acknowledged a store within "
-                f"{timeout} ms (wait_replicas): it is retried"
-            )
-        return [list(got) for got in stored]
 
     @_transient
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
@@ -561,7 +408,7 @@ class RedisStorage(SpoolStorage):
 
     @_transient
     async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
-        calls: list[tuple[_Shard, AsyncScript, list[str | int | bytes]]] = []
+        calls: list[tuple[Shard, AsyncScript, list[str | int | bytes]]] = []
         for number, positions in self._by_shard(c.payload.id for c in claims).items():
             args: list[str | int | bytes] = [tombstone_until_ms]
             args += [part for i in positions for part in (claims[i].payload.id, claims[i].token)]
@@ -570,12 +417,12 @@ class RedisStorage(SpoolStorage):
 
     @_transient
     async def _purge_tombstones(self, now_ms: int) -> None:
-        async def purge(shard: _Shard) -> None:
+        async def purge(shard: Shard) -> None:
             forgotten = _PURGE_CHUNK
             while forgotten == _PURGE_CHUNK:  # a chunk at a time: the server pauses for none long
                 forgotten = int(await self._run(shard, self._purge_script, now_ms, _PURGE_CHUNK))
 
-        await _all(purge(shard) for shard in self._shards)
+        await redis_calls.gather_all(purge(shard) for shard in self._shards)
 
     @_transient
     async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
@@ -622,7 +469,7 @@ class RedisStorage(SpoolStorage):
     ) -> Page:
         after_due, after_id = decode_cursor(cursor) if cursor else ("", "")
 
-        async def list_in(shard: _Shard) -> list[Any]:
+        async def list_in(shard: Shard) -> list[Any]:
             return list(
                 await self._list_script(
                     keys=[shard.index(destination, state)],
@@ -637,7 +484,7 @@ class RedisStorage(SpoolStorage):
                 )
             )
 
-        pages = await _all(list_in(shard) for shard in self._shards)
+        pages = await redis_calls.gather_all(list_in(shard) for shard in self._shards)
         # Each shard's page is in (due, id) order, ids byte-wise: so is their merge.
         merged = sorted(
             (_payload(record) for page in pages for record in page),
@@ -671,13 +518,13 @@ class RedisStorage(SpoolStorage):
     async def _lookup(
         self, field: LookupField, value: str, state: EntryState, limit: int
     ) -> list[Payload]:
-        found = await _all(
+        found = await redis_calls.gather_all(
             self._lookup_in(shard, field, value, state, limit) for shard in self._shards
         )
         return sorted((p for got in found for p in got), key=lambda p: p.id.encode())[:limit]
 
     async def _lookup_in(
-        self, shard: _Shard, field: LookupField, value: str, state: EntryState, limit: int
+        self, shard: Shard, field: LookupField, value: str, state: EntryState, limit: int
     ) -> list[Payload]:
         """The first ``limit`` entries of ``shard`` in ``state`` with that value, by id."""
         client, keys = self.client, shard.keys

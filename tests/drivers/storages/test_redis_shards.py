@@ -15,7 +15,8 @@ from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCov
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from payler.drivers.storages import storage_from_url
-from payler.drivers.storages.redis import RedisStorage, _is_outage
+from payler.drivers.storages.redis import RedisStorage
+from payler.drivers.storages.redis_calls import is_outage
 from payler.drivers.storages.redis_shards import (
     cluster_nodes,
     shard_key,
@@ -92,8 +93,8 @@ async def test_a_connection_closed_under_a_call_is_an_outage() -> None:
     connection = Connection()  # never connected: no stream, as after a concurrent close
     with pytest.raises(AttributeError) as raised:
         await connection._send_packed_command([b"PING"])
-    assert _is_outage(raised.value)
-    assert not _is_outage(AttributeError("a bug of ours"))
+    assert is_outage(raised.value)
+    assert not is_outage(AttributeError("a bug of ours"))
 
 
 @pytest.mark.redis
