@@ -103,7 +103,7 @@ _PURGE_CHUNK = 1000
 
 # Outages (a lost connection, and the error replies of a server that cannot write now: READONLY
 # after a failover, LOADING, OOM, BUSY, CLUSTERDOWN, TRYAGAIN...) are retried; any other error
-# reply is a bug (redis_redis_calls.is_outage says which is which).
+# reply is a bug (redis_calls.is_outage says which is which).
 _transient = transient_on(
     (RedisError, RedisClusterException, AttributeError), "Redis spool", when=redis_calls.is_outage
 )
