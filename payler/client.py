@@ -384,8 +384,9 @@ async def deliver(
 ) -> list[Rejection]:
     """Publish one batch; dead-letter what cannot be delivered; return what to retry later.
 
-    ``attempts`` counts every failed delivery of a payload (a nack, a lost connection, an
-    unroutable publish when ``retry_unroutable`` is set); one that reaches ``max_attempts`` is
+    ``attempts`` counts every refused delivery of a payload (a nack, an unroutable publish when
+    ``retry_unroutable`` is set; an outage that fails the whole batch raises, and the storage
+    gives the batch back without counting it); one that reaches ``max_attempts`` is
     dead-lettered with its last error. A payload the dead-letter destination refuses for good
     is returned as a permanent rejection: the storage parks it as dead. Whatever the
     dead-lettering does, the payloads that were published are settled (deleted) all the same.

@@ -395,11 +395,44 @@ async def test_a_failed_batch_is_given_back_with_backoff_not_left_leased(
             )
     entry = await storage.get("x")
     assert entry is not None
-    assert entry.attempts == 1
+    assert entry.attempts == 0  # an outage is not the payload's failure
     assert entry.last_error is not None and "connection to the broker lost" in entry.last_error
     # Claimable again after the backoff (about 2 s), not after the 60 s lease.
     assert await storage.next_visible_ms() is not None
     assert (await storage.next_visible_ms() or 0) - START_MS <= 2_400
+
+
+async def test_a_long_outage_does_not_use_up_the_attempts(
+    storage: MemoryStorage, broker: MemoryBroker, clock: FakeClock
+) -> None:
+    """More failed cycles than ``max_attempts`` while the broker is down: once it is back, the
+    payload is delivered, not dead-lettered as "gave up after N attempts"."""
+    ctx = WorkflowContext("watch", clock=clock)
+    options = WatchStorageOptions(
+        storage_url="memory://test", broker_url="memory://test", max_attempts=3
+    )
+    settings = WatchSettings(lease_ms=60_000, retry_base_s=2, retry_max_s=2)
+    await storage.store([make_payload(payload_id="x", destination="payler-out", due_ms=START_MS)])
+    async with DeadBroker("memory://test", clock=clock) as down:
+        for _ in range(options.max_attempts + 2):
+            with pytest.raises(TransientError):
+                await storage.serve(
+                    lambda batch: client.deliver(batch, down, options, ctx),
+                    asyncio.Event(),
+                    settings=settings,
+                )
+            clock.advance(3_000)
+    stop = asyncio.Event()
+
+    async def deliver_then_stop(batch: Sequence[Payload]) -> list[Rejection]:
+        rejections = await client.deliver(batch, broker, options, ctx)
+        stop.set()
+        return rejections
+
+    await asyncio.wait_for(storage.serve(deliver_then_stop, stop, settings=settings), 5)
+    assert [m.id for m in broker.messages("payler-out")] == ["x"]
+    assert broker.messages("payler-dead-letter") == []
+    assert await storage.get("x") is None
 
 
 async def test_a_payload_out_of_attempts_is_dead_lettered_without_another_publish(

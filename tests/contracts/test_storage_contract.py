@@ -303,6 +303,23 @@ class StorageContract:
         assert stored is not None
         assert (stored.attempts, stored.last_error) == (2, "still down")
 
+    async def test_an_uncounted_retry_keeps_the_attempts(self, storage: SpoolStorage) -> None:
+        """A retry after an outage (``counted=False``) reschedules without using up an attempt."""
+        await storage.store([payload("a", T0)])
+        [claim] = await storage.claim_due(T0, 10, LEASE)
+        assert await storage.retry(claim, T0 + 1_000, "refused")
+        [again] = await storage.claim_due(T0 + 1_000, 10, LEASE)
+        assert await storage.retry(again, T0 + 2_000, "connection lost", counted=False)
+        stored = await storage.get("a")
+        assert stored is not None
+        assert (stored.due_ms, stored.attempts, stored.last_error) == (
+            T0 + 2_000,
+            1,
+            "connection lost",
+        )
+        [third] = await storage.claim_due(T0 + 2_000, 10, LEASE)
+        assert third.payload.attempts == 1
+
     async def test_retry_and_dead_letter_with_a_stale_token_do_nothing(
         self, storage: SpoolStorage
     ) -> None:

@@ -307,6 +307,11 @@ class KafkaSource:
             problems: list[str] = []
             headers, properties = from_kafka_headers(record.headers, timestamp, problems)
             if record.value is None:
+                if NULL_VALUE in headers:  # x-payler-* is payler's namespace: said, not silent
+                    problems.append(
+                        f"its own header {NULL_VALUE!r} ({headers[NULL_VALUE]!r}) is payler's "
+                        "tombstone mark: replaced by true"
+                    )
                 headers[NULL_VALUE] = True  # a tombstone, not an empty body
             for problem in problems:
                 log.warning("record %s: %s", payload_id, problem)

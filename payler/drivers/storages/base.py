@@ -257,9 +257,16 @@ class SpoolStorage(BaseDriver):
             return 0
         return await self._ack(claims, self.clock.now_ms() + self.dedupe_window_ms)
 
-    async def retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
-        """Make a claimed entry pending again at ``due_ms``, attempts + 1; False if lease lost."""
-        done = await self._retry(claim, due_ms, reason)
+    async def retry(self, claim: Claim, due_ms: int, reason: str, *, counted: bool = True) -> bool:
+        """Make a claimed entry pending again at ``due_ms`` with ``reason`` as its last error;
+        False if the lease was lost.
+
+        ``counted`` (the default) adds one to its attempts: the destination refused *this*
+        payload. ``counted=False`` is for an outage, when the delivery of the whole batch failed
+        and nothing is known of this payload: a long outage must not use up its attempts and
+        have it dead-lettered once the broker is back."""
+        attempts = claim.payload.attempts + (1 if counted else 0)
+        done = await self._retry(claim, due_ms, reason, attempts)
         if done:
             _board.stored(self.url, due_ms)
         return done
@@ -411,8 +418,10 @@ class SpoolStorage(BaseDriver):
             # until the lease expires; then let the error restart the workflow.
             reason = f"delivery failed: {type(exc).__name__}: {exc}"
             failed = {c.payload.id: Rejection(c.payload.id, reason) for c in claims}
+            # Not counted as attempts: an outage says nothing about these payloads, and a long one
+            # must not dead-letter them. The workflow's restart backoff bounds the cycles.
             with contextlib.suppress(Exception):  # the storage may be down too: leases expire
-                await asyncio.shield(self._settle([], claims, failed, settings))
+                await asyncio.shield(self._settle([], claims, failed, settings, counted=False))
             raise
         rejections = {r.payload_id: r for r in handed}
         done = [c for c in claims if c.payload.id not in rejections]
@@ -437,6 +446,8 @@ class SpoolStorage(BaseDriver):
         claims: Sequence[Claim],
         rejections: dict[str, Rejection],
         settings: WatchSettings,
+        *,
+        counted: bool = True,
     ) -> None:
         deleted = await self.ack(done)
         if deleted < len(done):
@@ -457,7 +468,10 @@ class SpoolStorage(BaseDriver):
                 )
                 delay_s *= random.uniform(0.8, 1.2)
                 await self.retry(
-                    claim, self.clock.now_ms() + round(delay_s * 1000), rejection.reason
+                    claim,
+                    self.clock.now_ms() + round(delay_s * 1000),
+                    rejection.reason,
+                    counted=counted,
                 )
 
     async def _wait_for_due(
@@ -515,7 +529,9 @@ class SpoolStorage(BaseDriver):
     async def _purge_tombstones(self, now_ms: int) -> None: ...
 
     @abstractmethod
-    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool: ...
+    async def _retry(self, claim: Claim, due_ms: int, reason: str, attempts: int) -> bool:
+        """Under the claim's lease: pending again at ``due_ms``, ``attempts`` (the new count,
+        set, not added: the lease makes the claim's count the entry's), ``last_error = reason``."""
 
     @abstractmethod
     async def _dead_letter(self, claim: Claim, reason: str) -> bool: ...

@@ -110,12 +110,12 @@ class MemoryStorage(SpoolStorage):
         for key in expired:
             del self._entries[key]
 
-    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+    async def _retry(self, claim: Claim, due_ms: int, reason: str, attempts: int) -> bool:
         entry = self._held(claim)
         if entry is None:
             return False
         entry.payload = entry.payload.model_copy(
-            update={"due_ms": due_ms, "attempts": entry.payload.attempts + 1, "last_error": reason}
+            update={"due_ms": due_ms, "attempts": attempts, "last_error": reason}
         )
         entry.visible_ms, entry.token = due_ms, None
         return True

@@ -228,10 +228,10 @@ class MongoStorage(SpoolStorage):
         await self._spool.delete_many({"state": "delivered", "visible_ms": {"$lte": now_ms}})
 
     @_transient
-    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+    async def _retry(self, claim: Claim, due_ms: int, reason: str, attempts: int) -> bool:
         again = {"due_ms": due_ms, "visible_ms": due_ms, "token": None, "last_error": reason}
         result = await self._spool.update_one(
-            _held(claim), {"$set": again, "$inc": {"attempts": 1}}
+            _held(claim), {"$set": {**again, "attempts": attempts}}
         )
         return result.matched_count == 1
 

@@ -420,7 +420,7 @@ class PostgresStorage(SpoolStorage):
             )
 
     @_transient
-    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+    async def _retry(self, claim: Claim, due_ms: int, reason: str, attempts: int) -> bool:
         found = await self.pool.fetchrow(
             self._sql.retry,
             to_text(claim.payload.id),
@@ -429,6 +429,7 @@ class PostgresStorage(SpoolStorage):
             to_text(reason),
             self.notify,
             self.channel,
+            attempts,
         )
         return bool(found and found["n"])
 

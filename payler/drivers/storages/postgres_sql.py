@@ -232,10 +232,10 @@ class Statements:
 
     @property
     def retry(self) -> str:
-        # $1 id, $2 token, $3 due, $4 reason, $5 notify?, $6 channel.
+        # $1 id, $2 token, $3 due, $4 reason, $5 notify?, $6 channel, $7 attempts.
         return self._notifying(
             f"UPDATE {self.table} SET due_ms = $3, visible_ms = $3, token = NULL,"
-            " attempts = attempts + 1, last_error = $4"
+            " attempts = $7, last_error = $4"
             " WHERE id = $1 AND token = $2 AND state = 'pending' RETURNING due_ms",
             "$5",
             "$6",

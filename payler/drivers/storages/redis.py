@@ -425,8 +425,8 @@ class RedisStorage(SpoolStorage):
         await redis_calls.gather_all(purge(shard) for shard in self._shards)
 
     @_transient
-    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
-        args = (claim.payload.id, claim.token, due_ms, reason)
+    async def _retry(self, claim: Claim, due_ms: int, reason: str, attempts: int) -> bool:
+        args = (claim.payload.id, claim.token, due_ms, reason, attempts)
         shard = self._shard(claim.payload.id)
         return bool(await self._run(shard, self._retry_script, *args))
 

@@ -153,14 +153,14 @@ end
 return #ids
 """
 
-# ARGV[4..7]: id, token, due_ms, reason.
+# ARGV[4..8]: id, token, due_ms, reason, attempts.
 RETRY = """
 local id, due = ARGV[4], ARGV[6]
 local entry = ENTRY .. id
 local destination = held(entry, ARGV[5])
 if not destination then return 0 end
-redis.call('HSET', entry, 'due_ms', due, 'visible_ms', due, 'last_error', ARGV[7])
-redis.call('HINCRBY', entry, 'attempts', 1)
+redis.call('HSET', entry, 'due_ms', due, 'visible_ms', due,
+           'last_error', ARGV[7], 'attempts', ARGV[8])
 redis.call('HDEL', entry, 'token')
 pend(id, destination, due)
 return 1

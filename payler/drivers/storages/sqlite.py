@@ -258,13 +258,13 @@ class SQLiteStorage(SpoolStorage):
             "DELETE FROM spool WHERE state = 'delivered' AND visible_ms <= ?", [(now_ms,)]
         )
 
-    async def _retry(self, claim: Claim, due_ms: int, reason: str) -> bool:
+    async def _retry(self, claim: Claim, due_ms: int, reason: str, attempts: int) -> bool:
         return bool(
             await self._changes(
                 "UPDATE spool SET due_ms = ?, visible_ms = ?, token = ?,"
-                " attempts = attempts + 1, last_error = ?"
+                " attempts = ?, last_error = ?"
                 " WHERE id = ? AND token = ? AND state = 'pending'",
-                [(due_ms, due_ms, _UNLEASED, reason, claim.payload.id, claim.token)],
+                [(due_ms, due_ms, _UNLEASED, attempts, reason, claim.payload.id, claim.token)],
             )
         )
 

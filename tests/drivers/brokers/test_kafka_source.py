@@ -5,6 +5,7 @@ tombstones."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -152,17 +153,34 @@ async def test_what_payler_cannot_decode_comes_out_as_a_defect_with_the_record_k
     assert (c.body, c.key, c.headers) == (b"c", b"k", {"bug": [b"1", None]})
 
 
-async def test_a_tombstone_is_told_from_an_empty_body(kafka: Kafka) -> None:
+async def test_a_tombstone_is_told_from_an_empty_body(
+    kafka: Kafka, caplog: pytest.LogCaptureFixture
+) -> None:
     topic = kafka.topic("compacted")
     url = kafka.url() + "&partitions=1"
     async with KafkaBroker(url) as admin:
         await admin.ensure_queue(topic)
-    await kafka.produce(topic, [(b"k1", None, []), (b"k2", b"", [])])
+    await kafka.produce(
+        topic,
+        [
+            (b"k1", None, []),
+            (b"k2", b"", []),
+            (b"k3", None, [(NULL_VALUE, b"theirs")]),  # found by the fuzzer
+        ],
+    )
 
-    tombstone, empty = sorted(await serve_all(url, topic, 2), key=lambda p: p.key or b"")
+    with caplog.at_level(logging.WARNING, logger="payler"):
+        tombstone, empty, marked = sorted(
+            await serve_all(url, topic, 3), key=lambda p: p.key or b""
+        )
 
     assert (tombstone.body, tombstone.headers) == (b"", {NULL_VALUE: True})
     assert (empty.body, empty.headers) == (b"", {})
+    # A producer's own header in payler's namespace: replaced by the mark, and said.
+    assert (marked.body, marked.headers) == (b"", {NULL_VALUE: True})
+    assert any(
+        "tombstone mark" in r.getMessage() and marked.id in r.getMessage() for r in caplog.records
+    )
 
 
 class Rival:
