@@ -61,6 +61,7 @@ _TRANSIENT_NAMES = {
         "OutOfMemoryError",  # OOM: maxmemory reached; frees as consumers catch up
         "TryAgainError",  # TRYAGAIN: a key moving between cluster nodes
         "ClusterDownError",  # CLUSTERDOWN, and MASTERDOWN (a subclass): a replica lost its master
+        "SlotNotCoveredError",  # a cluster slot no known node serves (a failover under way)
     },
     "aiokafka": {"KafkaConnectionError", "KafkaTimeoutError", "NodeNotReadyError"},
 }
@@ -102,6 +103,10 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if library == "redis" and cls.__name__ == "ResponseError":
             return str(exc).partition(" ")[0] in _REDIS_OUTAGE_CODES
+        if library == "redis" and cls.__name__ == "RedisClusterException":
+            # The cluster client's own failures: "cannot be connected" (no node reachable)
+            # is raised from the connection error; the others are usage errors.
+            return exc.__cause__ is not None and is_transient(exc.__cause__)
     return False
 
 

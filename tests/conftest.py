@@ -14,12 +14,16 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aio_pika
 import pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+if TYPE_CHECKING:
+    from tests.redis_cluster import LocalCluster
 
 # -- Options: the size of the fault suite (tests/faults/) -----------------------------------------
 
@@ -530,3 +534,36 @@ async def postgres_url(postgres_database: str) -> AsyncIterator[str]:
         yield f"{postgres_database}{separator}schema={schema}"
     finally:
         await _postgres_admin(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', postgres_database)
+
+
+# -- Redis Cluster: a local cluster of the session's own (three masters, a replica each) --------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster from ``redis-server`` in cluster mode for the whole session (stopped at
+    its end): tests share it, each under a key prefix of its own (:func:`redis_cluster_url`).
+    A test that kills nodes starts a cluster of its own instead."""
+    from tests.redis_cluster import LocalCluster  # noqa: PLC0415 - only cluster tests need it
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def redis_cluster_url(redis_cluster: LocalCluster) -> AsyncIterator[str]:
+    """A cluster spool URL with a key prefix of this test's own; its keys are deleted after it."""
+    from payler.drivers.storages.redis import RedisStorage  # noqa: PLC0415 - only Redis tests
+
+    url = redis_cluster.url(prefix=f"test-{uuid.uuid4().hex[:12]}:", shards=16)
+    try:
+        yield url
+    finally:
+        async with RedisStorage(url) as storage:
+            keys = [key async for key in storage.client.scan_iter(match=storage.keys.match_all)]
+            for key in keys:  # one by one: they are in many slots
+                await storage.client.delete(key)

@@ -793,3 +793,41 @@ class TestPostgresStorage(StorageContract):
         await storage.store([stored])
         forget = f"UPDATE {storage._sql.table} SET digest = NULL WHERE id = $1"
         await storage.pool.execute(forget, stored.id)
+
+
+@pytest.mark.redis
+class TestShardedRedisStorage(TestRedisStorage):
+    """The sharded key layout (``?shards=4``) on the one shared server: a cluster's layout."""
+
+    @pytest.fixture
+    def downgrade(self) -> None:
+        pytest.skip("a sharded spool has had its lookup sets from the start: nothing to upgrade")
+
+    @pytest.fixture
+    async def storage(self, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
+        url = f"{REDIS_URL}?prefix=test:{uuid.uuid4().hex}:&shards=4"
+        async with RedisStorage(url, clock=clock) as s:
+            try:
+                yield s
+            finally:  # this test's keys only: other spools may share the server
+                keys = [key async for key in s.client.scan_iter(match=s.keys.match_all)]
+                if keys:
+                    await s.client.delete(*keys)
+
+    async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
+        assert isinstance(storage, RedisStorage)
+        await storage.store([stored])
+        await storage.client.hdel(storage.shard(stored.id).entry(stored.id), "digest")
+
+
+@pytest.mark.redis_cluster
+class TestRedisClusterStorage(TestShardedRedisStorage):
+    """A real Redis Cluster (three masters, a replica each; :mod:`tests.redis_cluster`),
+    16 shards: every script touches one slot, claims and admin operations span the shards."""
+
+    @pytest.fixture
+    async def storage(
+        self, clock: FakeClock, redis_cluster_url: str
+    ) -> AsyncIterator[SpoolStorage]:
+        async with RedisStorage(redis_cluster_url, clock=clock) as s:
+            yield s

@@ -4,6 +4,7 @@
 ``sqlite:///PATH``    the embedded default: a file, no server (``sqlite:////abs/path``)
 ``mongodb://...``     MongoDB (``mongodb+srv://`` too), through pymongo's asyncio API
 ``redis://...``       Redis (``rediss://`` too; ``?prefix=`` names the keys), redis.asyncio
+``redis+cluster://``  a Redis Cluster (``rediss+cluster://`` too; ``?shards=N``), RedisCluster
 ``postgresql://...`` PostgreSQL (``postgres://`` too; ``?schema=`` names the schema), asyncpg
 ``memory://NAME``     in this process only: for tests
 ====================  ======================================================
@@ -26,6 +27,8 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "mongodb+srv": ("payler.drivers.storages.mongodb", "MongoStorage"),
     "redis": ("payler.drivers.storages.redis", "RedisStorage"),
     "rediss": ("payler.drivers.storages.redis", "RedisStorage"),
+    "redis+cluster": ("payler.drivers.storages.redis", "RedisStorage"),
+    "rediss+cluster": ("payler.drivers.storages.redis", "RedisStorage"),
     "postgresql": ("payler.drivers.storages.postgres", "PostgresStorage"),
     "postgres": ("payler.drivers.storages.postgres", "PostgresStorage"),
     "memory": ("payler.drivers.storages.memory", "MemoryStorage"),
@@ -42,6 +45,8 @@ HARD_MAX_BODY_BYTES: dict[str, int] = {
     "mongodb+srv": 16 * 1024 * 1024,
     "redis": 512 * 1024 * 1024,
     "rediss": 512 * 1024 * 1024,
+    "redis+cluster": 512 * 1024 * 1024,
+    "rediss+cluster": 512 * 1024 * 1024,
     "postgresql": 1_000_000_000,  # a bytea value: at most 1 GB
     "postgres": 1_000_000_000,
 }

@@ -21,8 +21,19 @@ reused id) and a script purges.
 the write in memory. Run Redis with ``appendonly yes`` and ``appendfsync always`` for a store that
 survives a Redis crash (with ``everysec`` up to a second of stores can be lost, and with no
 persistence at all a restart loses the whole spool). Replication is asynchronous: a failover can
-lose the last writes too. The local test server runs without persistence. One Redis server
-(standalone, or behind Sentinel); not Redis Cluster (the scripts reach keys they compute).
+lose the last writes too, unless ``?wait_replicas=N`` makes every store wait (``WAIT``) until N
+replicas have it. The local test server runs without persistence.
+
+**One server or a Redis Cluster.** ``redis://`` names one server (standalone, or behind
+Sentinel). ``redis+cluster://[[user]:password@]host:port[,host:port...][?shards=N&...]`` (or
+``rediss+cluster://``) names a Redis Cluster, through redis-py's ``RedisCluster``: the spool is
+split into N shards (16 by default), each a complete set of the keys under one hash tag, so
+every script touches one slot (:mod:`payler.drivers.storages.redis_shards`). A store sends each
+payload to the shard of its id; a claim reads the head of every shard's claim index, takes the
+earliest ``limit`` of them all and claims each shard's share (so no shard waits while another
+has older entries); the admin operations ask every shard and merge. Without ``shards`` a
+``redis://`` spool keeps the unsharded key layout of earlier versions. How calls reach the
+shards (pipelines, WAIT) and which errors are outages: :mod:`payler.drivers.storages.redis_calls`.
 
 redis-py's own command retries are turned off: a lost connection surfaces at once as a
 :class:`~payler.errors.TransientError` and the runtime restarts the workflow with backoff, the one
@@ -35,19 +46,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from payler import codec
 from payler.clock import Clock
-from payler.drivers.storages import HARD_MAX_BODY_BYTES
+from payler.drivers.storages import HARD_MAX_BODY_BYTES, redis_calls
+from payler.drivers.storages import redis_scripts as scripts
 from payler.drivers.storages.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
     LOOKUP_FIELDS,
@@ -61,8 +74,18 @@ from payler.drivers.storages.base import (
     new_token,
 )
 from payler.drivers.storages.dedupe import Stored
+from payler.drivers.storages.redis_calls import Shard
 from payler.drivers.storages.redis_keys import DEFAULT_PREFIX, KeySpace
-from payler.errors import StartupError, is_transient, transient_on
+from payler.drivers.storages.redis_scripts import RECORD
+from payler.drivers.storages.redis_shards import (
+    CLUSTER_SCHEMES,
+    RedisOptions,
+    cluster_nodes,
+    shard_keys,
+    shard_of,
+    split_options,
+)
+from payler.errors import StartupError, TransientError, transient_on
 from payler.identity import derived_id
 from payler.metrics import Metrics
 from payler.payload import Payload
@@ -70,8 +93,6 @@ from payler.urls import mask_url, redact
 
 #: The version of the key layout (see redis_keys.py) this module writes.
 _LAYOUT = 1
-#: The hash fields that make up a payload, in the order the scripts return them.
-_RECORD = ("id", "body", "meta", "destination", "due_ms", "created_ms", "attempts", "last_error")
 #: Payloads and body bytes per store script call: they bound the size of one command (Redis
 #: refuses arguments past 512 MB) and how long the server pauses to run it.
 _STORE_CHUNK = 1000
@@ -80,245 +101,12 @@ _STORE_CHUNK_BYTES = 16 * 1024 * 1024
 #: Expired tombstones forgotten per purge script call (the purge loops): bounds the server's pause.
 _PURGE_CHUNK = 1000
 
-# -- the Lua scripts ----------------------------------------------------------------------------
-# Every script but the listing gets KEYS = (visible, due:pending, due:dead, delivered,
-# delivered:digests) and, as its first ARGV, the key prefixes of entries and of the
-# per-destination indexes; its own arguments follow.
-
-_SPOOL = f"""
-local FIELDS = {{{", ".join(f"'{field}'" for field in _RECORD)}}}
-local VISIBLE, PENDING, DEAD, DELIVERED, DIGESTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ENTRY, PENDING_TO, DEAD_TO = ARGV[1], ARGV[2], ARGV[3]
--- The destination of an entry that is pending and leased under `token`; nil otherwise.
-local function held(entry, token)
-  local got = redis.call('HMGET', entry, 'token', 'state', 'destination')
-  if got[1] == token and got[2] == 'pending' then return got[3] end
-  return nil
-end
--- Index an unleased pending entry: visible at its due time.
-local function pend(id, destination, due)
-  redis.call('ZADD', VISIBLE, due, id)
-  redis.call('ZADD', PENDING, due, id)
-  redis.call('ZADD', PENDING_TO .. destination, due, id)
-end
-local function unpend(id, destination)
-  redis.call('ZREM', VISIBLE, id)
-  redis.call('ZREM', PENDING, id)
-  redis.call('ZREM', PENDING_TO .. destination, id)
-end
-local function unbury(id, destination)
-  redis.call('ZREM', DEAD, id)
-  redis.call('ZREM', DEAD_TO .. destination, id)
-end
--- The lookup sets (KeySpace.lookup): <prefix>by:<field>:<value>, the prefix being ENTRY less
--- its 'entry:'. The entry's hash keeps the values, to take it out of them when it goes.
-local BY = string.sub(ENTRY, 1, -7) .. 'by:'
-local function index_ids(id, entry, message_id, correlation_id)
-  if message_id ~= '' then
-    redis.call('SADD', BY .. 'message_id:' .. message_id, id)
-    redis.call('HSET', entry, 'message_id', message_id)
-  end
-  if correlation_id ~= '' then
-    redis.call('SADD', BY .. 'correlation_id:' .. correlation_id, id)
-    redis.call('HSET', entry, 'correlation_id', correlation_id)
-  end
-end
-local function unindex_ids(id, entry)
-  local got = redis.call('HMGET', entry, 'message_id', 'correlation_id')
-  if got[1] then redis.call('SREM', BY .. 'message_id:' .. got[1], id) end
-  if got[2] then redis.call('SREM', BY .. 'correlation_id:' .. got[2], id) end
-end
-"""
-
-# ARGV[4]: the state of the new entries ('pending', or 'dead' to park them); ARGV[5..]: per
-# payload, id, body, meta, destination, due_ms, created_ms, attempts, has_error ('0'/'1'),
-# last_error, message_id, correlation_id ('' for none), digest, derived id. The rule of
-# payler/drivers/storages/dedupe.py: an id already stored (pending, dead, or a delivered entry's
-# tombstone) with the same digest, or none, is a duplicate, left as it is; with another digest,
-# the payload goes under its derived id (unless that is taken too: the same reuse, redelivered).
-# Returns, per payload, the id it was stored under, or '' for a duplicate.
-_STORE = """
--- The digest stored under `id`: '' when the entry has none, nil when there is no such entry.
-local function stored_digest(id)
-  if redis.call('EXISTS', ENTRY .. id) == 1 then
-    return redis.call('HGET', ENTRY .. id, 'digest') or ''
-  end
-  if redis.call('ZSCORE', DELIVERED, id) then return redis.call('HGET', DIGESTS, id) or '' end
-  return nil
-end
-local out, state = {}, ARGV[4]
-for i = 5, #ARGV, 13 do
-  local id, destination, due, digest = ARGV[i], ARGV[i + 3], ARGV[i + 4], ARGV[i + 11]
-  local seen = stored_digest(id)
-  if seen and seen ~= '' and seen ~= digest then
-    id = ARGV[i + 12]
-    seen = stored_digest(id)
-  end
-  if seen then
-    out[#out + 1] = ''
-  else
-    local entry = ENTRY .. id
-    redis.call('HSET', entry, 'id', id, 'body', ARGV[i + 1], 'meta', ARGV[i + 2],
-      'destination', destination, 'due_ms', due, 'visible_ms', due,
-      'created_ms', ARGV[i + 5], 'attempts', ARGV[i + 6], 'state', state, 'digest', digest)
-    if ARGV[i + 7] == '1' then redis.call('HSET', entry, 'last_error', ARGV[i + 8]) end
-    index_ids(id, entry, ARGV[i + 9], ARGV[i + 10])
-    if state == 'dead' then
-      redis.call('ZADD', DEAD, due, id)
-      redis.call('ZADD', DEAD_TO .. destination, due, id)
-    else
-      pend(id, destination, due)
-    end
-    out[#out + 1] = id
-  end
-end
-return out
-"""
-
-# ARGV[4..7]: now, limit, lease end, token. Earliest visible first, ties by id.
-_CLAIM = """
-local ids = redis.call('ZRANGEBYSCORE', VISIBLE, '-inf', ARGV[4], 'LIMIT', 0, ARGV[5])
-local records = {}
-for _, id in ipairs(ids) do
-  local entry = ENTRY .. id
-  if redis.call('EXISTS', entry) == 0 then
-    -- Its record is gone (evicted, deleted by hand): drop the dangling index entry rather
-    -- than recreate a partial record that would block the id and fail every claim.
-    redis.call('ZREM', VISIBLE, id)
-  else
-    redis.call('ZADD', VISIBLE, ARGV[6], id)
-    redis.call('HSET', entry, 'token', ARGV[7], 'visible_ms', ARGV[6])
-    records[#records + 1] = redis.call('HMGET', entry, unpack(FIELDS))
-  end
-end
-return records
-"""
-
-# ARGV[4]: when the tombstones may go; ARGV[5..]: id, token pairs. A delivered entry is deleted;
-# only its id (and digest) stays, in the tombstones (keeping a redelivered copy out of `store`).
-_ACK = """
-local settled = 0
-for i = 5, #ARGV, 2 do
-  local id = ARGV[i]
-  local destination = held(ENTRY .. id, ARGV[i + 1])
-  if destination then
-    local digest = redis.call('HGET', ENTRY .. id, 'digest')
-    unindex_ids(id, ENTRY .. id)
-    redis.call('DEL', ENTRY .. id)
-    unpend(id, destination)
-    redis.call('ZADD', DELIVERED, ARGV[4], id)
-    if digest then redis.call('HSET', DIGESTS, id, digest) end
-    settled = settled + 1
-  end
-end
-return settled
-"""
-
-# ARGV[4..5]: now, how many to forget at most. Returns how many it forgot.
-_PURGE = """
-local ids = redis.call('ZRANGEBYSCORE', DELIVERED, '-inf', ARGV[4], 'LIMIT', 0, ARGV[5])
-for _, id in ipairs(ids) do
-  redis.call('ZREM', DELIVERED, id)
-  redis.call('HDEL', DIGESTS, id)
-end
-return #ids
-"""
-
-# ARGV[4..8]: id, token, due_ms, reason, attempts.
-_RETRY = """
-local id, due = ARGV[4], ARGV[6]
-local entry = ENTRY .. id
-local destination = held(entry, ARGV[5])
-if not destination then return 0 end
-redis.call('HSET', entry, 'due_ms', due, 'visible_ms', due,
-           'last_error', ARGV[7], 'attempts', ARGV[8])
-redis.call('HDEL', entry, 'token')
-pend(id, destination, due)
-return 1
-"""
-
-# ARGV[4..6]: id, token, reason.
-_DEAD_LETTER = """
-local id = ARGV[4]
-local entry = ENTRY .. id
-local destination = held(entry, ARGV[5])
-if not destination then return 0 end
-redis.call('HSET', entry, 'state', 'dead', 'last_error', ARGV[6])
-redis.call('HDEL', entry, 'token')
-unpend(id, destination)
-local due = redis.call('HGET', entry, 'due_ms')
-redis.call('ZADD', DEAD, due, id)
-redis.call('ZADD', DEAD_TO .. destination, due, id)
-return 1
-"""
-
-# ARGV[4..5]: id, due_ms.
-_RESCHEDULE = """
-local id, due = ARGV[4], ARGV[5]
-local entry = ENTRY .. id
-local destination = redis.call('HGET', entry, 'destination')
-if not destination then return 0 end
-redis.call('HSET', entry, 'state', 'pending', 'due_ms', due, 'visible_ms', due)
-redis.call('HDEL', entry, 'token')
-unbury(id, destination)
-pend(id, destination, due)
-return 1
-"""
-
-# ARGV[4]: id.
-_CANCEL = """
-local id = ARGV[4]
-local destination = redis.call('HGET', ENTRY .. id, 'destination')
-if not destination then return 0 end
-unindex_ids(id, ENTRY .. id)
-redis.call('DEL', ENTRY .. id)
-unpend(id, destination)
-unbury(id, destination)
-return 1
-"""
-
-# KEYS[1]: an index by due ms. ARGV: the entry key prefix, the page size, the ZCOUNT bound below
-# the due range ('-inf' or '(<ms>'), the end of the due range ('' for none), and the cursor's
-# due ms and id ('' for none). Returns up to size + 1 records (one more tells a next page).
-_LIST = f"""
-local FIELDS = {{{", ".join(f"'{field}'" for field in _RECORD)}}}
-local index, size = KEYS[1], tonumber(ARGV[2])
--- Byte-wise `a > b`, the order of members with equal scores (Lua's own `>` follows the locale).
-local function later(a, b)
-  for i = 1, math.min(#a, #b) do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x > y end
-  end
-  return #a > #b
-end
-local start = redis.call('ZCOUNT', index, '-inf', ARGV[3])
-if ARGV[5] ~= '' then
-  -- The cursor's due time holds a run of ids in byte order: binary-search the first one after.
-  local low = redis.call('ZCOUNT', index, '-inf', '(' .. ARGV[5])
-  local high = low + redis.call('ZCOUNT', index, ARGV[5], ARGV[5])
-  while low < high do
-    local mid = math.floor((low + high) / 2)
-    if later(redis.call('ZRANGE', index, mid, mid)[1], ARGV[6]) then
-      high = mid
-    else
-      low = mid + 1
-    end
-  end
-  start = math.max(start, low)
-end
-local hits = redis.call('ZRANGE', index, start, start + size, 'WITHSCORES')
-local records = {{}}
-for i = 1, #hits, 2 do
-  if ARGV[4] ~= '' and tonumber(hits[i + 1]) > tonumber(ARGV[4]) then break end
-  records[#records + 1] = redis.call('HMGET', ARGV[1] .. hits[i], unpack(FIELDS))
-end
-return records
-"""
-
-
 # Outages (a lost connection, and the error replies of a server that cannot write now: READONLY
-# after a failover, LOADING, OOM, BUSY...) are retried; any other error reply is a bug.
-_transient = transient_on((RedisError,), "Redis spool", when=is_transient)
+# after a failover, LOADING, OOM, BUSY, CLUSTERDOWN, TRYAGAIN...) are retried; any other error
+# reply is a bug (redis_calls.is_outage says which is which).
+_transient = transient_on(
+    (RedisError, RedisClusterException, AttributeError), "Redis spool", when=redis_calls.is_outage
+)
 
 
 def split_prefix(url: str) -> tuple[str, str]:
@@ -331,12 +119,13 @@ def split_prefix(url: str) -> tuple[str, str]:
 
 
 class RedisStorage(SpoolStorage):
-    """The spool in Redis; see :class:`~payler.drivers.storages.base.SpoolStorage`.
+    """The spool in Redis, one server or a Redis Cluster; see
+    :class:`~payler.drivers.storages.base.SpoolStorage`.
 
     ``connect_timeout_s`` bounds how long :meth:`connect` waits for the server's answer.
     """
 
-    schemes = ("redis", "rediss")
+    schemes = ("redis", "rediss", *CLUSTER_SCHEMES)
     hard_max_body_bytes = HARD_MAX_BODY_BYTES["redis"]
 
     def __init__(
@@ -359,38 +148,55 @@ class RedisStorage(SpoolStorage):
             min_free_bytes=min_free_bytes,
         )
         self.connect_timeout_s = connect_timeout_s
-        self._redis_url, prefix = split_prefix(url)
-        self.keys = keys = KeySpace(prefix)
-        self._client: Redis | None = None
-        self._indexes = [
-            keys.visible,
-            keys.by_due("pending"),
-            keys.by_due("dead"),
-            keys.delivered,
-            keys.delivered_digests,
-        ]
-        self._key_prefixes = [
-            keys.entry_prefix,
-            keys.destination_prefix("pending"),
-            keys.destination_prefix("dead"),
-        ]
+        self._redis_url, options = split_options(url)
+        self.options = options
+        self._nodes: list[tuple[str, int]] = []
+        if options.cluster:
+            self._redis_url, self._nodes = cluster_nodes(self._redis_url)
+        #: The spool's keys (when sharded, the shards' keys start with its prefix).
+        self.keys = KeySpace(options.prefix)
+        self._shards = [Shard.of(keys) for keys in shard_keys(options.prefix, options.shards)]
+        self._client: Redis | RedisCluster | None = None
+
+    @property
+    def shards(self) -> list[KeySpace]:
+        """The keys of each shard (one, :attr:`keys`, when unsharded)."""
+        return [shard.keys for shard in self._shards]
+
+    def shard(self, payload_id: str) -> KeySpace:
+        """The keys of the shard that holds (or would hold) ``payload_id``."""
+        return self._shard(payload_id).keys
+
+    def _shard(self, payload_id: str) -> Shard:
+        if len(self._shards) == 1:
+            return self._shards[0]
+        return self._shards[shard_of(payload_id, len(self._shards))]
 
     async def connect(self) -> None:
-        """Create the client and PING the server.
+        """Create the client and PING the server (every node of a cluster).
 
         Raises :class:`~payler.errors.StartupError` naming the (password-masked) URL.
         """
         try:
-            self._client = client = Redis.from_url(
-                self._redis_url,
-                decode_responses=False,
-                socket_connect_timeout=self.connect_timeout_s,
-                retry=Retry(NoBackoff(), 0),
-            )
+            common: dict[str, Any] = {
+                "decode_responses": False,
+                "socket_connect_timeout": self.connect_timeout_s,
+                "retry": Retry(NoBackoff(), 0),
+            }
+            client: Redis | RedisCluster
+            if self.options.cluster:
+                # Retries off here too: a node lost, the next call finds the new topology.
+                self._client = client = RedisCluster.from_url(
+                    self._redis_url,
+                    startup_nodes=[ClusterNode(host, port) for host, port in self._nodes[1:]],
+                    **common,
+                )
+            else:
+                self._client = client = Redis.from_url(self._redis_url, **common)
             async with asyncio.timeout(self.connect_timeout_s):
                 await client.ping()
-        except (RedisError, OSError, ValueError) as exc:  # TimeoutError is an OSError
-            await self.close()
+        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
+            await self.close()  # (TimeoutError is an OSError)
             what = redact(str(exc) or type(exc).__name__, self.url)
             if isinstance(exc, ValueError):  # the URL itself: its text may quote the password
                 what = "the URL cannot be parsed (characters such as / in a password: %2F)"
@@ -398,29 +204,51 @@ class RedisStorage(SpoolStorage):
                 f"cannot use the Redis spool storage {mask_url(self.url)!r}: {what}"
             ) from exc
         script = client.register_script
-        self._store_script, self._claim_script = script(_SPOOL + _STORE), script(_SPOOL + _CLAIM)
-        self._ack_script, self._retry_script = script(_SPOOL + _ACK), script(_SPOOL + _RETRY)
-        self._dead_script = script(_SPOOL + _DEAD_LETTER)
-        self._reschedule_script = script(_SPOOL + _RESCHEDULE)
-        self._cancel_script, self._list_script = script(_SPOOL + _CANCEL), script(_LIST)
-        self._purge_script = script(_SPOOL + _PURGE)
+        self._store_script = script(scripts.SPOOL + scripts.STORE)
+        self._claim_script = script(scripts.SPOOL + scripts.CLAIM)
+        self._ack_script = script(scripts.SPOOL + scripts.ACK)
+        self._retry_script = script(scripts.SPOOL + scripts.RETRY)
+        self._dead_script = script(scripts.SPOOL + scripts.DEAD_LETTER)
+        self._reschedule_script = script(scripts.SPOOL + scripts.RESCHEDULE)
+        self._cancel_script = script(scripts.SPOOL + scripts.CANCEL)
+        self._list_script = script(scripts.LIST)
+        self._purge_script = script(scripts.SPOOL + scripts.PURGE)
         try:
+            await self._check_shards()
             await self._upgrade()
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             await self.close()
             raise StartupError(
                 f"cannot use the Redis spool storage {mask_url(self.url)!r}: "
                 f"{redact(str(exc), self.url)}"
             ) from exc
 
+    async def _check_shards(self) -> None:
+        """Record a sharded spool's shard count, or refuse a spool sharded otherwise: ids would
+        map to other shards, and their entries be out of reach of get, cancel and dedupe."""
+        client, count = self.client, self.options.shards
+        if count is not None:
+            await client.set(self.keys.shards, count, nx=True)
+        recorded = await client.get(self.keys.shards)
+        if (None if recorded is None else int(recorded)) != count:
+            has = "unsharded" if recorded is None else f"{int(recorded)} shards"
+            wants = "unsharded" if count is None else f"{count} shards"
+            raise StartupError(
+                f"the Redis spool {mask_url(self.url)!r} (prefix {self.options.prefix!r}) has "
+                f"{has}, but this URL says {wants}: use its shard count (changing it needs "
+                "an empty spool, or another prefix)"
+            )
+
     async def _upgrade(self) -> None:
         """Bring a spool made by an earlier payler to this key layout (additive only).
 
         Layout 1 added the lookup sets: the entries already stored are indexed once, by
         whichever process opens the spool first (another doing the same meanwhile only adds
-        the same members again).
+        the same members again). A sharded spool has had them from the start.
         """
         client = self.client
+        if self.options.shards is not None:
+            return
         if int(await client.get(self.keys.schema) or 0) >= _LAYOUT:
             return
         async for key in client.scan_iter(match=self.keys.match_entries, count=1000):
@@ -443,19 +271,38 @@ class RedisStorage(SpoolStorage):
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(RedisError, OSError):  # the connection may be lost already
-                await client.aclose()
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                await client.aclose()  # the connection may be lost already
 
     @property
-    def client(self) -> Redis:
-        """The redis-py client (bytes in, bytes out)."""
+    def client(self) -> Redis | RedisCluster:
+        """The redis-py client (bytes in, bytes out); a ``RedisCluster`` on a cluster."""
         if self._client is None:
             raise RuntimeError("the Redis storage is not connected (use it as `async with`)")
         return self._client
 
-    async def _run(self, script: AsyncScript, *args: str | int | bytes) -> Any:
-        """Run one of the spool scripts (not the listing) with its keys and key prefixes."""
-        return await script(keys=self._indexes, args=[*self._key_prefixes, *args])
+    async def _run(self, shard: Shard, script: AsyncScript, *args: str | int | bytes) -> Any:
+        """Run one of the spool scripts (not the listing) on ``shard``."""
+        return await redis_calls.run(shard, script, *args)
+
+    async def _run_many(
+        self, many: Sequence[tuple[Shard, AsyncScript, Sequence[str | int | bytes]]]
+    ) -> list[Any]:
+        """:func:`~.redis_calls.run_many` on this storage's client."""
+        return await redis_calls.run_many(self.client, many)
+
+    async def _each_shard(self, command: Callable[[Any, Shard], object]) -> list[Any]:
+        """:func:`~.redis_calls.each_shard` over every shard of the spool."""
+        return await redis_calls.each_shard(self.client, self._shards, command)
+
+    def _by_shard(self, ids: Iterable[str]) -> dict[int, list[int]]:
+        """The positions of ``ids``, by shard number."""
+        groups: dict[int, list[int]] = {}
+        count = len(self._shards)
+        for position, payload_id in enumerate(ids):
+            number = 0 if count == 1 else shard_of(payload_id, count)
+            groups.setdefault(number, []).append(position)
+        return groups
 
     # -- the hooks -------------------------------------------------------------------------------
 
@@ -463,66 +310,149 @@ class RedisStorage(SpoolStorage):
     async def _store(
         self, batch: Sequence[Payload], digests: Sequence[str], state: EntryState = "pending"
     ) -> Stored:
+        outcomes: list[bytes] = [b""] * len(batch)
+        chunks: list[tuple[Shard, list[int], list[str | int | bytes]]] = []
+        for number, positions in self._by_shard(p.id for p in batch).items():
+            for start, end in _chunks([batch[i] for i in positions]):
+                args: list[str | int | bytes] = []
+                for i in positions[start:end]:
+                    p, digest = batch[i], digests[i]
+                    error = (0, "") if p.last_error is None else (1, p.last_error)
+                    args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
+                    args += [p.attempts, *error]
+                    args += [p.properties.message_id or "", p.properties.correlation_id or ""]
+                    args += [digest, derived_id(p.id, digest)]
+                chunks.append((self._shards[number], positions[start:end], args))
+        if self.options.wait_replicas:
+            done = await self._store_waiting([(shard, args) for shard, _, args in chunks], state)
+        else:
+            calls = [(shard, self._store_script, [state, *args]) for shard, _, args in chunks]
+            done = await self._run_many(calls)
+        for (_, positions, _), results in zip(chunks, done, strict=True):
+            for i, outcome in zip(positions, results, strict=True):
+                outcomes[i] = outcome
         stored = Stored()
-        for start, end in _chunks(batch):
-            args: list[str | int | bytes] = []
-            for p, digest in zip(batch[start:end], digests[start:end], strict=True):
-                error = (0, "") if p.last_error is None else (1, p.last_error)
-                args += [p.id, p.body, p.meta_json(), p.destination, p.due_ms, p.created_ms]
-                args += [p.attempts, *error]
-                args += [p.properties.message_id or "", p.properties.correlation_id or ""]
-                args += [digest, derived_id(p.id, digest)]
-            outcome = await self._run(self._store_script, state, *args)
-            for p, got in zip(batch[start:end], outcome, strict=True):
-                if not got:
-                    stored.duplicates.append(p.id)
-                    continue
-                stored.new.append(got.decode())
-                if got.decode() != p.id:
-                    stored.renamed[p.id] = got.decode()
+        for p, got in zip(batch, outcomes, strict=True):
+            if not got:
+                stored.duplicates.append(p.id)
+                continue
+            stored.new.append(got.decode())
+            if got.decode() != p.id:
+                stored.renamed[p.id] = got.decode()
         return stored
+
+    async def _store_waiting(
+        self, chunks: Sequence[tuple[Shard, Sequence[str | int | bytes]]], state: EntryState
+    ) -> list[list[bytes]]:
+        """Store ``chunks`` (shard, script arguments) and return only once ``wait_replicas``
+        replicas of every master they went to have them (``WAIT``); raise a
+        :class:`~payler.errors.TransientError` when fewer acknowledged in time: the source is
+        not acknowledged, the batch comes again (its entries are then duplicates, stored)."""
+        for attempt in range(2):
+            outcome = await redis_calls.store_and_wait(
+                self.client,
+                self._store_script,
+                chunks,
+                state,
+                self.options.wait_replicas,
+                self.options.wait_timeout_ms,
+            )
+            if outcome is not None:
+                return outcome
+            if attempt == 0:  # NOSCRIPT: a master (new after a failover) lacks the script
+                await self.client.script_load(self._store_script.script)
+        raise TransientError("Redis spool: a master refused the store script twice (NOSCRIPT)")
 
     @_transient
     async def _claim_due(self, now_ms: int, limit: int, lease_ms: int) -> list[Claim]:
         token = new_token()
-        records = await self._run(self._claim_script, now_ms, limit, now_ms + lease_ms, token)
+        shares = await self._claim_shares(now_ms, limit)
+        lease_end = now_ms + lease_ms
+        claimed = await self._run_many(
+            [
+                (self._shards[n], self._claim_script, (now_ms, share, lease_end, token))
+                for n, share in shares.items()
+            ]
+        )
+        records = [record for got in claimed for record in got]
         payloads = sorted(map(_payload, records), key=lambda p: (p.due_ms, p.id))
         return [Claim(p, token) for p in payloads]
 
+    async def _claim_shares(self, now_ms: int, limit: int) -> dict[int, int]:
+        """How many entries to claim in each shard, from one pipelined read of every shard's
+        head (its first 2 × ``limit`` / shards visible entries): the earliest ``limit`` of them
+        all, so that a shard with older entries goes first and none waits while others are
+        drained. What is left of ``limit`` goes to the shards whose head was full (they may
+        have more). Another instance may claim some of them first: a shard's claim then takes
+        its next visible ones (still due, still earliest first within the shard)."""
+        count = len(self._shards)
+        if count == 1:
+            return {0: limit}
+        head = min(limit, -(-2 * limit // count))
+        heads = await self._each_shard(
+            lambda pipe, shard: pipe.zrangebyscore(
+                shard.keys.visible, "-inf", now_ms, start=0, num=head, withscores=True
+            )
+        )
+        merged = sorted(
+            (score, member, number) for number, got in enumerate(heads) for member, score in got
+        )
+        shares: dict[int, int] = {}
+        for _, _, number in merged[:limit]:
+            shares[number] = shares.get(number, 0) + 1
+        full = [number for number, got in enumerate(heads) if len(got) == head]
+        for i in range(limit - min(limit, len(merged)) if full else 0):
+            number = full[i % len(full)]
+            shares[number] = shares.get(number, 0) + 1
+        return shares
+
     @_transient
     async def _ack(self, claims: Sequence[Claim], tombstone_until_ms: int) -> int:
-        pairs = [part for c in claims for part in (c.payload.id, c.token)]
-        return int(await self._run(self._ack_script, tombstone_until_ms, *pairs))
+        calls: list[tuple[Shard, AsyncScript, list[str | int | bytes]]] = []
+        for number, positions in self._by_shard(c.payload.id for c in claims).items():
+            args: list[str | int | bytes] = [tombstone_until_ms]
+            args += [part for i in positions for part in (claims[i].payload.id, claims[i].token)]
+            calls.append((self._shards[number], self._ack_script, args))
+        return sum(int(settled) for settled in await self._run_many(calls))
 
     @_transient
     async def _purge_tombstones(self, now_ms: int) -> None:
-        forgotten = _PURGE_CHUNK
-        while forgotten == _PURGE_CHUNK:  # a chunk at a time: the server pauses for none long
-            forgotten = int(await self._run(self._purge_script, now_ms, _PURGE_CHUNK))
+        async def purge(shard: Shard) -> None:
+            forgotten = _PURGE_CHUNK
+            while forgotten == _PURGE_CHUNK:  # a chunk at a time: the server pauses for none long
+                forgotten = int(await self._run(shard, self._purge_script, now_ms, _PURGE_CHUNK))
+
+        await redis_calls.gather_all(purge(shard) for shard in self._shards)
 
     @_transient
     async def _retry(self, claim: Claim, due_ms: int, reason: str, attempts: int) -> bool:
         args = (claim.payload.id, claim.token, due_ms, reason, attempts)
-        return bool(await self._run(self._retry_script, *args))
+        shard = self._shard(claim.payload.id)
+        return bool(await self._run(shard, self._retry_script, *args))
 
     @_transient
     async def _dead_letter(self, claim: Claim, reason: str) -> bool:
         args = (claim.payload.id, claim.token, reason)
-        return bool(await self._run(self._dead_script, *args))
+        shard = self._shard(claim.payload.id)
+        return bool(await self._run(shard, self._dead_script, *args))
 
     @_transient
     async def _next_visible_ms(self) -> int | None:
-        first = await self.client.zrange(self.keys.visible, 0, 0, withscores=True)
-        return int(first[0][1]) if first else None
+        heads = await self._each_shard(
+            lambda pipe, shard: pipe.zrange(shard.keys.visible, 0, 0, withscores=True)
+        )
+        firsts = [int(head[0][1]) for head in heads if head]
+        return min(firsts) if firsts else None
 
     @_transient
     async def _get(self, payload_id: str) -> Payload | None:
-        record = await self.client.hmget(self.keys.entry(payload_id), list(_RECORD))
+        keys = self.shard(payload_id)
+        record = await self.client.hmget(keys.entry(payload_id), list(RECORD))
         return None if record[0] is None else _payload(record)
 
     @_transient
     async def _state_of(self, payload_id: str) -> EntryState | None:
-        state = await self.client.hget(self.keys.entry(payload_id), "state")
+        state = await self.client.hget(self.shard(payload_id).entry(payload_id), "state")
         if state is None:
             return None
         return "dead" if state == b"dead" else "pending"
@@ -538,51 +468,77 @@ class RedisStorage(SpoolStorage):
         cursor: str | None,
     ) -> Page:
         after_due, after_id = decode_cursor(cursor) if cursor else ("", "")
-        records = await self._list_script(
-            keys=[self._index(destination, state)],
-            args=[
-                self.keys.entry_prefix,
-                limit,
-                "-inf" if due_from_ms is None else f"({due_from_ms}",
-                "" if due_to_ms is None else due_to_ms,
-                after_due,
-                after_id,
-            ],
+
+        async def list_in(shard: Shard) -> list[Any]:
+            return list(
+                await self._list_script(
+                    keys=[shard.index(destination, state)],
+                    args=[
+                        shard.keys.entry_prefix,
+                        limit,
+                        "-inf" if due_from_ms is None else f"({due_from_ms}",
+                        "" if due_to_ms is None else due_to_ms,
+                        after_due,
+                        after_id,
+                    ],
+                )
+            )
+
+        pages = await redis_calls.gather_all(list_in(shard) for shard in self._shards)
+        # Each shard's page is in (due, id) order, ids byte-wise: so is their merge.
+        merged = sorted(
+            (_payload(record) for page in pages for record in page),
+            key=lambda p: (p.due_ms, p.id.encode()),
         )
-        items = [_payload(record) for record in records[:limit]]
-        more = len(records) > limit
+        items = merged[:limit]
+        more = len(merged) > limit
         return Page(items, encode_cursor(items[-1].due_ms, items[-1].id) if more else None)
 
     @_transient
     async def _count(self, destination: str | None, state: EntryState) -> int:
-        """O(1): every (state, destination) pair has an index of its own."""
-        return int(await self.client.zcard(self._index(destination, state)))
+        """O(shards): every (state, destination) pair has an index of its own in each shard."""
+        counts = await self._each_shard(
+            lambda pipe, shard: pipe.zcard(shard.index(destination, state))
+        )
+        return sum(int(count) for count in counts)
 
     @_transient
     async def _count_due(
         self, destination: str | None, state: EntryState, start_ms: int | None, end_ms: int | None
     ) -> int:
-        """O(log n): ZCOUNT on the due-time index of the state (and destination)."""
+        """O(shards × log n): ZCOUNT on the due-time index of the state (and destination)."""
         low = "-inf" if start_ms is None else start_ms
         high = "+inf" if end_ms is None else f"({end_ms}"
-        return int(await self.client.zcount(self._index(destination, state), low, high))
+        counts = await self._each_shard(
+            lambda pipe, shard: pipe.zcount(shard.index(destination, state), low, high)
+        )
+        return sum(int(count) for count in counts)
 
     @_transient
     async def _lookup(
         self, field: LookupField, value: str, state: EntryState, limit: int
     ) -> list[Payload]:
-        index = self.keys.lookup(field, value)
+        found = await redis_calls.gather_all(
+            self._lookup_in(shard, field, value, state, limit) for shard in self._shards
+        )
+        return sorted((p for got in found for p in got), key=lambda p: p.id.encode())[:limit]
+
+    async def _lookup_in(
+        self, shard: Shard, field: LookupField, value: str, state: EntryState, limit: int
+    ) -> list[Payload]:
+        """The first ``limit`` entries of ``shard`` in ``state`` with that value, by id."""
+        client, keys = self.client, shard.keys
+        index = keys.lookup(field, value)
         # One value: a handful of entries. (Bytes: the client does not decode responses.)
         ids = sorted(
-            bytes(m) if isinstance(m, bytes) else m.encode()
-            for m in await self.client.smembers(index)
+            bytes(m) if isinstance(m, bytes) else m.encode() for m in await client.smembers(index)
         )
         found: list[Payload] = []
         gone: list[bytes] = []
         for chunk in (ids[i : i + 500] for i in range(0, len(ids), 500)):
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for payload_id in chunk:
-                    pipe.hmget(self.keys.entry(payload_id.decode()), [*_RECORD, "state"])
+                    pipe.hmget(keys.entry(payload_id.decode()), [*RECORD, "state"])
                 records = await pipe.execute()
             for payload_id, record in zip(chunk, records, strict=True):
                 if record[0] is None:
@@ -590,21 +546,18 @@ class RedisStorage(SpoolStorage):
                 elif record[-1] == state.encode() and len(found) < limit:
                     found.append(_payload(record[:-1]))
         if gone:
-            await self.client.srem(index, *gone)
+            await client.srem(index, *gone)
         return found
 
     @_transient
     async def _cancel(self, payload_id: str) -> bool:
-        return bool(await self._run(self._cancel_script, payload_id))
+        shard = self._shard(payload_id)
+        return bool(await self._run(shard, self._cancel_script, payload_id))
 
     @_transient
     async def _reschedule(self, payload_id: str, due_ms: int) -> bool:
-        return bool(await self._run(self._reschedule_script, payload_id, due_ms))
-
-    def _index(self, destination: str | None, state: EntryState) -> str:
-        if destination is None:
-            return self.keys.by_due(state)
-        return self.keys.by_destination(state, destination)
+        shard = self._shard(payload_id)
+        return bool(await self._run(shard, self._reschedule_script, payload_id, due_ms))
 
 
 def _chunks(batch: Sequence[Payload]) -> Iterator[tuple[int, int]]:
@@ -633,4 +586,4 @@ def _payload(record: Sequence[Any]) -> Payload:
     )
 
 
-__all__ = ["RedisStorage", "split_prefix"]
+__all__ = ["RedisOptions", "RedisStorage", "split_prefix"]

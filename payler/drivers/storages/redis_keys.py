@@ -16,7 +16,14 @@ another spool's, or their keys could meet (``a:`` and ``a:entry:`` would).
 ``<prefix>by:message_id:<value>``           set: ids of the entries with that message id
 ``<prefix>by:correlation_id:<value>``       set: ids of the entries with that correlation id
 ``<prefix>schema``                          string: the version of this key layout
+``<prefix>shards``                          string: a sharded spool's shard count
+``<prefix>wait``                            string: a counter bumped by stores that WAIT
 ==========================================  =============================================
+
+A sharded spool (:mod:`payler.drivers.storages.redis_shards`) has one complete set of these keys
+per shard, each under its own prefix ``<prefix>{<tag>}:`` (a Redis Cluster hash tag), and the
+``shards`` key under the plain prefix; an unsharded one (a single server, by default) has the
+keys above as they are.
 
 The lookup sets (``by:``) were added in layout version 1: a spool made before is indexed when
 a payler that knows them first opens it. The Lua scripts build their names from the entry
@@ -89,6 +96,17 @@ class KeySpace:
     def schema(self) -> str:
         """The layout version of this spool's keys."""
         return f"{self.prefix}schema"
+
+    @property
+    def shards(self) -> str:
+        """A sharded spool's shard count (absent: unsharded), checked by every process."""
+        return f"{self.prefix}shards"
+
+    @property
+    def wait_fence(self) -> str:
+        """A counter that a store waiting for replicas bumps, so that its ``WAIT`` covers the
+        batch even when every payload in it was stored already (by an earlier attempt)."""
+        return f"{self.prefix}wait"
 
     @property
     def match_entries(self) -> str:
