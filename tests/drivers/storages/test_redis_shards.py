@@ -124,9 +124,11 @@ async def test_waiting_for_a_replica_that_is_not_there_is_an_outage(
     async with RedisStorage(url) as storage:
         with pytest.raises(TransientError, match="0 of 1 replicas acknowledged"):
             await storage.store([payload("a")])
-        # Stored, but not acknowledged: the source sends it again once a replica is there.
-        replica = redis_servers.start(replica_of=primary)
-        await wait_for_role(replica, "slave")
+    # Stored, but not acknowledged: the source sends it again once a replica is there. (A
+    # timeout the loaded test machine cannot miss: the replica answers WAIT's GETACK at once.)
+    replica = redis_servers.start(replica_of=primary)
+    await wait_for_role(replica, "slave")
+    async with RedisStorage(url.replace("wait_timeout_ms=50", "wait_timeout_ms=10000")) as storage:
         assert await storage.store([payload("a"), payload("b")]) == 1
         assert await storage.count() == 2
         await storage.client.script_flush()  # as on a master new after a failover: NOSCRIPT
