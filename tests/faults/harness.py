@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import time
@@ -193,22 +194,30 @@ class Daemon:
             return self.exits[-1][1] if self.exits else 0
         payler = self.payler
         signals = signals or (signal.SIGTERM,)
-        payler.process.send_signal(signals[0])
-        if second_at is not None and len(signals) > 1:
-            await payler.wait_for_line(second_at, timeout_s)
-            for sig in signals[1:-1]:
-                if payler.process.returncode is None:
-                    payler.process.send_signal(sig)
-            deadline = time.monotonic() + timeout_s
-            while payler.process.returncode is None and time.monotonic() < deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    payler.process.send_signal(signals[-1])
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(payler.process.wait()), 0.001)
-        else:
-            for sig in signals[1:]:
-                if payler.process.returncode is None:
-                    payler.process.send_signal(sig)
+        # Through a pidfd, not Process.send_signal: that polls (reaps) the child under asyncio's
+        # own child watcher, which then reports a made-up status 255 (seen once in ~10 runs).
+        pidfd = os.pidfd_open(payler.process.pid)
+
+        def send(sig: int) -> None:
+            with contextlib.suppress(ProcessLookupError):  # it exited
+                signal.pidfd_send_signal(pidfd, sig)
+
+        try:
+            send(signals[0])
+            if second_at is not None and len(signals) > 1:
+                await payler.wait_for_line(second_at, timeout_s)
+                for sig in signals[1:-1]:
+                    send(sig)
+                deadline = time.monotonic() + timeout_s
+                while payler.process.returncode is None and time.monotonic() < deadline:
+                    send(signals[-1])
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(payler.process.wait()), 0.001)
+            else:
+                for sig in signals[1:]:
+                    send(sig)
+        finally:
+            os.close(pidfd)
         code = await payler.wait(timeout_s)
         self._ended("signal", code)
         return code
