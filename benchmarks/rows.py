@@ -98,6 +98,8 @@ class Settings:
     pending_claims: int
     pending_claim_size: int
     profile: bool
+    #: The event loop of payler and of the relay in this row: ``uvloop`` or ``asyncio``.
+    loop: str = "uvloop"
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Row:
     lateness: dict[str, float] | None = None
     rss_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    loop: str = ""  # the event loop of the daemon under test ("" for Payler 0.2.0)
 
     def fail(self, note: str) -> Row:
         self.status, self.note = "failed", note
@@ -215,7 +218,12 @@ async def start_payler(settings: Settings, label: str, broker_url: str, storage_
     return await Daemon.start(
         f"payler {label}",
         [sys.executable, "-m", "payler", "--config-file", str(config)],
-        child_env(BROKER_URL=broker_url, PAYLER_STORAGE_URL=storage_url, PAYLER_LOG_LEVEL="INFO"),
+        child_env(
+            BROKER_URL=broker_url,
+            PAYLER_STORAGE_URL=storage_url,
+            PAYLER_LOG_LEVEL="INFO",
+            PAYLER_EVENT_LOOP=settings.loop,
+        ),
         settings.results_dir / f"{label}.log",
         folder,
     )
@@ -223,7 +231,7 @@ async def start_payler(settings: Settings, label: str, broker_url: str, storage_
 
 async def start_relay(settings: Settings, label: str, broker_url: str) -> Daemon:
     argv = [sys.executable, str(HERE / "relay.py"), "--url", broker_url]
-    argv += ["--source", SOURCE, "--destination", DESTINATION]
+    argv += ["--source", SOURCE, "--destination", DESTINATION, "--loop", settings.loop]
     folder = settings.work_dir / label
     folder.mkdir(parents=True, exist_ok=True)
     return await Daemon.start(

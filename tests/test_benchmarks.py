@@ -31,7 +31,7 @@ def tiny_run(tmp_path: Path, rows: tuple[str, ...], *extra: str) -> dict[str, An
     argv = [sys.executable, str(RUN), "--rows", ",".join(rows), "--modes", "throughput,steady"]
     argv += ["--count", "300", "--due-after", "1", "--steady-rate", "100"]
     argv += ["--steady-seconds", "0.5", "--steady-delay-ms", "200", "--noisy-retries", "0"]
-    argv += ["--timeout", "60", "--results", str(results), *extra]
+    argv += ["--timeout", "60", "--loops", "uvloop", "--results", str(results), *extra]
     done = subprocess.run(
         argv, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
     )
@@ -65,6 +65,11 @@ def test_every_row_completes_without_loss(tmp_path: Path) -> None:
             assert (ready, unacked) == (0, 0), f"{row['title']}: {queue} holds messages"
         if row["key"] != "relay" and row["mode"] == "throughput":
             assert row["extra"]["pending_after"] == 0, row["title"]
+    # Each daemon ran on the loop asked for (payler says so at start, the relay too).
+    logs = {p.name: p.read_text() for p in result["run_dir"].glob("*.log")}
+    assert "relay on uvloop" in logs["relay-throughput.log"]
+    assert "event loop: uvloop" in logs["sqlite-throughput.log"]
+    assert "Targets of issue 10" in (result["run_dir"] / "results.md").read_text()
 
 
 @pytest.mark.rabbitmq
