@@ -619,6 +619,13 @@ def main(argv: list[str] | None = None) -> int:
     (results_dir / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     markdown = report(result)
     (results_dir / "results.md").write_text(markdown + "\n")
+    try:
+        import charts  # noqa: PLC0415  (matplotlib: the bench extra)
+
+        for path in charts.draw(result, results_dir):
+            print(f"chart: {path}")
+    except ImportError as exc:
+        print(f"no charts ({exc}): pip install -e '.[bench]'")
     print()
     print(markdown)
     print(f"\nfiles: {results_dir}")

@@ -70,6 +70,8 @@ def test_every_row_completes_without_loss(tmp_path: Path) -> None:
     assert "relay on uvloop" in logs["relay-throughput.log"]
     assert "event loop: uvloop" in logs["sqlite-throughput.log"]
     assert "Targets of issue 10" in (result["run_dir"] / "results.md").read_text()
+    for chart in ("lateness-cdf.png", "throughput.png"):  # PNG files, as matplotlib wrote them
+        assert (result["run_dir"] / chart).read_bytes().startswith(b"\x89PNG"), chart
 
 
 @pytest.mark.rabbitmq
