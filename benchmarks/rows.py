@@ -798,26 +798,39 @@ async def steady_payler(settings: Settings, key: str) -> Row:
 # -- the Redis backlog -------------------------------------------------------------------------
 
 
-async def pending_backlog(settings: Settings) -> list[Row]:
-    """Claim latency and payler's RSS with a large backlog in a Redis spool.
+async def pending_backlog(settings: Settings, key: str = "redis") -> list[Row]:
+    """Claim latency and payler's RSS with a large backlog in a Redis (``key="redis"``) or
+    SQLite (``"sqlite"``) spool.
 
     The backlog is due a day ahead (so nothing of it is delivered); on top of it, the claim
     measurement stores ``pending_claims * pending_claim_size`` entries due now and times each
     ``claim_due`` (then ``ack``) of ``pending_claim_size``, at 10,000 pending and at
-    ``settings.pending``. Then payler runs on that spool under the steady-rate load.
+    ``settings.pending``. Then payler runs on that spool under the steady-rate load: it starts
+    on the backlog (no full scan at start shows as the steady lateness of its first messages).
     """
     from payler.drivers.storages import storage_from_url  # noqa: PLC0415
     from payler.errors import ConfigError  # noqa: PLC0415
 
-    storage_url, prefix = redis_storage_url(settings, "pending")
+    name = {"redis": "Redis", "sqlite": "SQLite"}[key]
+    if key == "sqlite":
+        spool = settings.work_dir / "pending-sqlite" / "spool.db"
+        storage_url, prefix = f"sqlite:///{spool}", ""
+    else:
+        storage_url, prefix = redis_storage_url(settings, "pending")
     levels = sorted({min(10_000, settings.pending), settings.pending})
-    rows = [Row("redis", f"Redis spool, {n:,} pending", "pending", n) for n in levels]
+    rows = [Row(key, f"{name} spool, {n:,} pending", "pending", n) for n in levels]
     try:
         storage_from_url(storage_url)
     except ConfigError as exc:
-        return [r.skip(f"no Redis storage in payler yet: {exc}") for r in rows]
+        return [r.skip(f"no {name} storage in payler: {exc}") for r in rows]
+
+    async def used_bytes() -> int:
+        if key == "sqlite":
+            return sum(p.stat().st_size for p in spool.parent.glob("spool.db*"))
+        return await redis_used_memory(settings.redis_url)
+
     try:
-        memory_before = await redis_used_memory(settings.redis_url)
+        memory_before = 0 if key == "sqlite" else await used_bytes()
         filled = 0
         for level, row in enumerate(rows, start=1):
             async with storage_from_url(storage_url) as storage:
@@ -827,15 +840,15 @@ async def pending_backlog(settings: Settings) -> list[Row]:
                 filled += added
                 row.extra["store_us_per_entry"] = round(1e6 * elapsed / max(1, added), 1)
                 row.extra["filled"] = filled
-                row.extra["redis_bytes_per_entry"] = round(
-                    (await redis_used_memory(settings.redis_url) - memory_before) / max(1, filled)
+                row.extra["bytes_per_entry"] = round(
+                    (await used_bytes() - memory_before) / max(1, filled)
                 )
                 if filled < row.count:
                     row.fail(f"filled only {filled:,} in {settings.timeout_s} s")
                     break
                 await _measure_claims(settings, storage, row, id_base=level * 10**9)
             # payler itself on that backlog: its memory, and the steady-rate lateness.
-            steady_row = await steady(settings, "redis", storage_url)
+            steady_row = await steady(settings, key, storage_url)
             row.rss_mb = steady_row.rss_mb
             row.lateness = steady_row.lateness
             row.lost, row.duplicated = steady_row.lost, steady_row.duplicated
@@ -849,7 +862,8 @@ async def pending_backlog(settings: Settings) -> list[Row]:
             if steady_row.status != "ok":
                 row.fail(f"steady run on the backlog: {steady_row.note}")
     finally:
-        rows[-1].extra["keys_deleted"] = await drop_redis_prefix(settings.redis_url, prefix)
+        if prefix:
+            rows[-1].extra["keys_deleted"] = await drop_redis_prefix(settings.redis_url, prefix)
     return rows
 
 

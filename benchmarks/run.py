@@ -100,8 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pending",
         type=int,
         default=None,
-        help="also fill a Redis spool with this many entries and measure claim latency and "
-        f"payler's RSS on it, against 10,000 (mode pending; default {DEFAULT_PENDING:,})",
+        help="also fill a Redis and a SQLite spool (those in --rows) with this many entries and "
+        "measure claim latency and payler's RSS on it, against 10,000 "
+        f"(mode pending; default {DEFAULT_PENDING:,})",
     )
     parser.add_argument("--pending-claims", type=int, default=200, help="claims timed per level")
     parser.add_argument("--pending-claim-size", type=int, default=100, help="entries per claim")
@@ -264,12 +265,20 @@ def plan(args: argparse.Namespace, base: Settings) -> list[Step]:
                     if key in args.rows:
                         make = functools.partial(bench.steady_payler, settings, key)
                         steps.append((f"{key} steady", make, suffix, loop))
-    if "pending" in args.modes:
-        settings = dataclasses.replace(base, loop=args.loops[0])
-        steps.append(
-            ("redis pending", functools.partial(bench.pending_backlog, settings), "", args.loops[0])
-        )
-    return steps
+    return steps + _pending_steps(args, base)
+
+
+def _pending_steps(args: argparse.Namespace, base: Settings) -> list[Step]:
+    """The backlog rows (mode pending): Redis and SQLite, those of ``--rows``, on one loop."""
+    if "pending" not in args.modes:
+        return []
+    settings = dataclasses.replace(base, loop=args.loops[0])
+    make = functools.partial(bench.pending_backlog, settings)
+    return [
+        (f"{key} pending", functools.partial(make, key), "", settings.loop)
+        for key in ("redis", "sqlite")
+        if key in args.rows
+    ]
 
 
 async def run(args: argparse.Namespace, results_dir: Path, work_dir: Path) -> dict[str, Any]:
@@ -478,19 +487,19 @@ def report(result: dict[str, Any]) -> str:
     pending = [r for r in rows if r.mode == "pending"]
     if pending:
         out += [
-            "Redis backlog (entries due a day ahead, stored through payler's storage API; "
-            "claims of due entries on top of it):",
+            "Backlog (entries due a day ahead, stored through payler's storage API; "
+            "claims of due entries on top of it; bytes: Redis memory, or the SQLite files):",
             "",
-            "| pending | store µs/entry | Redis bytes/entry | claim_due ms p50/p99 "
+            "| spool | pending | store µs/entry | bytes/entry | claim_due ms p50/p99 "
             "| claim µs/entry (p50) | ack ms p50/p99 | payler peak RSS MB | steady lateness "
             "p50/p95/p99/max ms | note |",
-            "|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
         ]
         for r in pending:
             claim, ack = r.extra.get("claim_ms") or {}, r.extra.get("ack_ms") or {}
             out.append(
-                f"| {r.count:,} | {_num(r.extra.get('store_us_per_entry'), 1)} "
-                f"| {_num(r.extra.get('redis_bytes_per_entry'))} "
+                f"| {r.key} | {r.count:,} | {_num(r.extra.get('store_us_per_entry'), 1)} "
+                f"| {_num(r.extra.get('bytes_per_entry'))} "
                 f"| {_num(claim.get('p50'), 2)} / {_num(claim.get('p99'), 2)} "
                 f"| {_num(r.extra.get('claim_us_per_entry_p50'), 1)} "
                 f"| {_num(ack.get('p50'), 2)} / {_num(ack.get('p99'), 2)} | {_num(r.rss_mb)} "
