@@ -121,6 +121,11 @@ def _claim_latency(rows: list[dict[str, Any]], result: dict[str, Any]) -> Any:
             values = [r["extra"]["claim_ms"][stat] for r in found]
             axes.plot(counts, values, style, label=f"{key} {stat}")
     axes.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415
+
+    axes.set_xticks(sorted({r["count"] for r in levels}))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_ylim(bottom=0)
     axes.set_xlabel("entries pending (log scale)")
     axes.set_ylabel("claim_due latency, ms")
