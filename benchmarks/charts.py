@@ -92,13 +92,15 @@ def _throughput(rows: list[dict[str, Any]], result: dict[str, Any]) -> Any:
     axes.barh([r["title"] for r in bars], rates, color=colours)
     for index, value in enumerate(rates):
         axes.text(value, index, f" {value:,.0f}", va="center", fontsize=7)
-    for row in bars:
-        if row["key"] == "relay":
-            ceiling = row["count"] / row["busy_s"]
-            axes.axvline(ceiling, color="black", linestyle=":", linewidth=1)
-            axes.axvline(0.9 * ceiling, color="tab:red", linestyle=":", linewidth=1)
+    ceilings = {r.get("loop", ""): r["count"] / r["busy_s"] for r in bars if r["key"] == "relay"}
+    for index, row in enumerate(bars):  # each bar against the relay on its own loop
+        ceiling = ceilings.get(row.get("loop", ""))
+        if ceiling is not None:
+            span = [index - 0.45, index + 0.45]
+            axes.plot([ceiling] * 2, span, color="black", linestyle=":", linewidth=1.2)
+            axes.plot([0.9 * ceiling] * 2, span, color="tab:red", linestyle=":", linewidth=1.2)
     axes.invert_yaxis()
-    axes.set_xlabel("in+out msg/s (dotted: the relay's rate, and 90 % of it)")
+    axes.set_xlabel("in+out msg/s (dotted: the relay's rate on the same loop, and 90 % of it)")
     axes.set_title(f"Throughput, each message both ways\n{_subtitle(result)}", fontsize=9)
     axes.tick_params(axis="y", labelsize=7)
     return figure
