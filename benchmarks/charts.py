@@ -58,23 +58,36 @@ def _lateness_cdf(rows: list[dict[str, Any]], result: dict[str, Any]) -> Any:
     steady = [r for r in rows if r["mode"] == "steady" and r["extra"].get("lateness_ms_sorted")]
     if not steady:
         return None
-    figure, axes = plt.subplots(figsize=(7, 4))
+    loops = sorted({r.get("loop", "") for r in steady}, key=lambda loop: loop != "uvloop")
+    figure, panels = plt.subplots(
+        1, len(loops), figsize=(5.5 * len(loops), 4), sharey=True, squeeze=False
+    )
     colours = {"relay": "black", "sqlite": "tab:blue", "redis": "tab:red", "postgres": "tab:green"}
-    for row in steady:
-        values = row["extra"]["lateness_ms_sorted"]
-        shares = [(i + 1) / len(values) for i in range(len(values))]
-        style = "-" if row.get("loop", "uvloop") in ("uvloop", "") else "--"
-        axes.plot(
-            [max(v, 0.1) for v in values], shares, style, linewidth=1,
-            color=colours.get(row["key"], "grey"), label=row["title"], alpha=0.8,
-        )  # fmt: skip
-    axes.set_xscale("log")
-    axes.set_xlabel("lateness, ms (arrival − publish − delay; log scale)")
-    axes.set_ylabel("share of messages")
+    styles = ["-", "--", ":", "-."]
+    for axes, loop in zip(panels[0], loops, strict=True):
+        runs: dict[str, int] = {}
+        for row in (r for r in steady if r.get("loop", "") == loop):
+            values = row["extra"]["lateness_ms_sorted"]
+            shares = [(i + 1) / len(values) for i in range(len(values))]
+            run = runs[row["key"]] = runs.get(row["key"], -1) + 1
+            label = row["title"].replace(f" · {loop}", "")
+            axes.plot(
+                [max(v, 0.1) for v in values], shares, styles[run % len(styles)], linewidth=1,
+                color=colours.get(row["key"], "grey"), label=label, alpha=0.85,
+            )  # fmt: skip
+        axes.set_xscale("log")
+        axes.set_xlabel("lateness, ms (log scale)")
+        axes.set_title(loop or "—", fontsize=9)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=6, loc="upper left")
+    panels[0][0].set_ylabel("share of messages")
     rate, _seconds, delay = result["settings"]["steady"]
-    axes.set_title(f"Steady {rate:,.0f} msg/s, x-delay {delay} ms\n{_subtitle(result)}", fontsize=9)
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=6, loc="lower right")
+    figure.suptitle(
+        f"Steady {rate:,.0f} msg/s, x-delay {delay} ms: arrival − publish − delay "
+        f"(relay: bare transit)\n{_subtitle(result)}",
+        fontsize=9,
+    )
+    figure.tight_layout()
     return figure
 
 
