@@ -288,6 +288,9 @@ async def py_spy(pid: int, output: Path, enabled: bool) -> AsyncIterator[None]:
 #: Where a sample's innermost frame lies → what the process was doing (first match wins).
 _CATEGORIES = (
     ("selectors.py", "event loop idle (epoll wait)"),
+    # uvloop's loop is C: a sample in Runner.run itself is the loop waiting or in its C code.
+    ("asyncio/runners.py", "event loop: uvloop idle or in its C code"),
+    ("asyncio/streams.py", "asyncio socket I/O (send/recv)"),
     ("aio_pika/", "AMQP client (aio-pika, aiormq, pamqp)"),
     ("aiormq/", "AMQP client (aio-pika, aiormq, pamqp)"),
     ("pamqp/", "AMQP client (aio-pika, aiormq, pamqp)"),
@@ -305,6 +308,9 @@ _CATEGORIES = (
 def _category(thread: str, frames: list[str]) -> str:
     leaf = frames[-1] if frames else ""
     if "MainThread" not in thread:
+        if "payler-sqlite" in thread:  # the spool file's own thread (sqlite_file.py)
+            waiting = leaf.startswith("_worker (") and "concurrent/futures" in leaf
+            return "SQLite thread: " + ("idle" if waiting else "running statements (fsync incl.)")
         if "_connection_worker_thread" in thread:
             waiting = len(frames) <= 4 and leaf.endswith("core.py:59)")
             return "SQLite thread: " + ("idle" if waiting else "running statements (fsync incl.)")
