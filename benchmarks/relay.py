@@ -4,7 +4,8 @@ Consume ``--source`` with a prefetch window; take whatever has arrived (up to ``
 publish the batch to ``--destination`` with publisher confirms, all publishes in flight together
 (``asyncio.gather``); then acknowledge the whole batch at once (``multiple=True``) after the
 confirms. No decoding, no storage, no validation: the same broker round trips payler makes,
-and nothing else. ``benchmarks/run.py`` runs it as a subprocess, like payler.
+and nothing else, on the same event loop as payler in the row it is compared with
+(``--loop``). ``benchmarks/run.py`` runs it as a subprocess, like payler.
 
     python benchmarks/relay.py --url amqp://guest:guest@127.0.0.1:5672/ --source a --destination b
 """
@@ -73,8 +74,21 @@ def main() -> None:
     parser.add_argument("--destination", required=True, help="queue to publish to")
     parser.add_argument("--prefetch", type=int, default=200, help="default: %(default)s")
     parser.add_argument("--batch", type=int, default=100, help="default: %(default)s")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop (the same as payler's in the row it is compared with)",
+    )
     args = parser.parse_args()
-    asyncio.run(relay(args.url, args.source, args.destination, args.prefetch, args.batch))
+    factory = asyncio.new_event_loop
+    if args.loop == "uvloop":
+        import uvloop  # noqa: PLC0415  (the asyncio row must not need it)
+
+        factory = uvloop.new_event_loop
+    print(f"relay on {args.loop}", flush=True)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(relay(args.url, args.source, args.destination, args.prefetch, args.batch))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ class Settings:
     pending_claims: int
     pending_claim_size: int
     profile: bool
+    #: The event loop of payler and of the relay in this row: ``uvloop`` or ``asyncio``.
+    loop: str = "uvloop"
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Row:
     lateness: dict[str, float] | None = None
     rss_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    loop: str = ""  # the event loop of the daemon under test ("" for Payler 0.2.0)
 
     def fail(self, note: str) -> Row:
         self.status, self.note = "failed", note
@@ -215,7 +218,12 @@ async def start_payler(settings: Settings, label: str, broker_url: str, storage_
     return await Daemon.start(
         f"payler {label}",
         [sys.executable, "-m", "payler", "--config-file", str(config)],
-        child_env(BROKER_URL=broker_url, PAYLER_STORAGE_URL=storage_url, PAYLER_LOG_LEVEL="INFO"),
+        child_env(
+            BROKER_URL=broker_url,
+            PAYLER_STORAGE_URL=storage_url,
+            PAYLER_LOG_LEVEL="INFO",
+            PAYLER_EVENT_LOOP=settings.loop,
+        ),
         settings.results_dir / f"{label}.log",
         folder,
     )
@@ -223,7 +231,7 @@ async def start_payler(settings: Settings, label: str, broker_url: str, storage_
 
 async def start_relay(settings: Settings, label: str, broker_url: str) -> Daemon:
     argv = [sys.executable, str(HERE / "relay.py"), "--url", broker_url]
-    argv += ["--source", SOURCE, "--destination", DESTINATION]
+    argv += ["--source", SOURCE, "--destination", DESTINATION, "--loop", settings.loop]
     folder = settings.work_dir / label
     folder.mkdir(parents=True, exist_ok=True)
     return await Daemon.start(
@@ -280,6 +288,9 @@ async def py_spy(pid: int, output: Path, enabled: bool) -> AsyncIterator[None]:
 #: Where a sample's innermost frame lies → what the process was doing (first match wins).
 _CATEGORIES = (
     ("selectors.py", "event loop idle (epoll wait)"),
+    # uvloop's loop is C: a sample in Runner.run itself is the loop waiting or in its C code.
+    ("asyncio/runners.py", "event loop: uvloop idle or in its C code"),
+    ("asyncio/streams.py", "asyncio socket I/O (send/recv)"),
     ("aio_pika/", "AMQP client (aio-pika, aiormq, pamqp)"),
     ("aiormq/", "AMQP client (aio-pika, aiormq, pamqp)"),
     ("pamqp/", "AMQP client (aio-pika, aiormq, pamqp)"),
@@ -297,6 +308,9 @@ _CATEGORIES = (
 def _category(thread: str, frames: list[str]) -> str:
     leaf = frames[-1] if frames else ""
     if "MainThread" not in thread:
+        if "payler-sqlite" in thread:  # the spool file's own thread (sqlite_file.py)
+            waiting = leaf.startswith("_worker (") and "concurrent/futures" in leaf
+            return "SQLite thread: " + ("idle" if waiting else "running statements (fsync incl.)")
         if "_connection_worker_thread" in thread:
             waiting = len(frames) <= 4 and leaf.endswith("core.py:59)")
             return "SQLite thread: " + ("idle" if waiting else "running statements (fsync incl.)")
@@ -737,6 +751,8 @@ async def steady(settings: Settings, key: str, storage_url: str | None = None) -
                 row.count = len(sent)
                 lateness = [(t - sent[i]) * 1000 - delay_ms for i, t in collector.first.items()]
                 count_deliveries(row, collector, len(sent), daemon, lateness)
+                # Every message's lateness (0.1 ms), for the chart of its distribution.
+                row.extra["lateness_ms_sorted"] = sorted(round(v, 1) for v in lateness)
                 row.extra.update(
                     delay_ms=delay_ms,
                     achieved_publish_rate=rate(
@@ -788,26 +804,39 @@ async def steady_payler(settings: Settings, key: str) -> Row:
 # -- the Redis backlog -------------------------------------------------------------------------
 
 
-async def pending_backlog(settings: Settings) -> list[Row]:
-    """Claim latency and payler's RSS with a large backlog in a Redis spool.
+async def pending_backlog(settings: Settings, key: str = "redis") -> list[Row]:
+    """Claim latency and payler's RSS with a large backlog in a Redis (``key="redis"``) or
+    SQLite (``"sqlite"``) spool.
 
     The backlog is due a day ahead (so nothing of it is delivered); on top of it, the claim
     measurement stores ``pending_claims * pending_claim_size`` entries due now and times each
     ``claim_due`` (then ``ack``) of ``pending_claim_size``, at 10,000 pending and at
-    ``settings.pending``. Then payler runs on that spool under the steady-rate load.
+    ``settings.pending``. Then payler runs on that spool under the steady-rate load: it starts
+    on the backlog (no full scan at start shows as the steady lateness of its first messages).
     """
     from payler.drivers.storages import storage_from_url  # noqa: PLC0415
     from payler.errors import ConfigError  # noqa: PLC0415
 
-    storage_url, prefix = redis_storage_url(settings, "pending")
+    name = {"redis": "Redis", "sqlite": "SQLite"}[key]
+    if key == "sqlite":
+        spool = settings.work_dir / "pending-sqlite" / "spool.db"
+        storage_url, prefix = f"sqlite:///{spool}", ""
+    else:
+        storage_url, prefix = redis_storage_url(settings, "pending")
     levels = sorted({min(10_000, settings.pending), settings.pending})
-    rows = [Row("redis", f"Redis spool, {n:,} pending", "pending", n) for n in levels]
+    rows = [Row(key, f"{name} spool, {n:,} pending", "pending", n) for n in levels]
     try:
         storage_from_url(storage_url)
     except ConfigError as exc:
-        return [r.skip(f"no Redis storage in payler yet: {exc}") for r in rows]
+        return [r.skip(f"no {name} storage in payler: {exc}") for r in rows]
+
+    async def used_bytes() -> int:
+        if key == "sqlite":
+            return sum(p.stat().st_size for p in spool.parent.glob("spool.db*"))
+        return await redis_used_memory(settings.redis_url)
+
     try:
-        memory_before = await redis_used_memory(settings.redis_url)
+        memory_before = 0 if key == "sqlite" else await used_bytes()
         filled = 0
         for level, row in enumerate(rows, start=1):
             async with storage_from_url(storage_url) as storage:
@@ -817,15 +846,15 @@ async def pending_backlog(settings: Settings) -> list[Row]:
                 filled += added
                 row.extra["store_us_per_entry"] = round(1e6 * elapsed / max(1, added), 1)
                 row.extra["filled"] = filled
-                row.extra["redis_bytes_per_entry"] = round(
-                    (await redis_used_memory(settings.redis_url) - memory_before) / max(1, filled)
+                row.extra["bytes_per_entry"] = round(
+                    (await used_bytes() - memory_before) / max(1, filled)
                 )
                 if filled < row.count:
                     row.fail(f"filled only {filled:,} in {settings.timeout_s} s")
                     break
                 await _measure_claims(settings, storage, row, id_base=level * 10**9)
             # payler itself on that backlog: its memory, and the steady-rate lateness.
-            steady_row = await steady(settings, "redis", storage_url)
+            steady_row = await steady(settings, key, storage_url)
             row.rss_mb = steady_row.rss_mb
             row.lateness = steady_row.lateness
             row.lost, row.duplicated = steady_row.lost, steady_row.duplicated
@@ -839,7 +868,8 @@ async def pending_backlog(settings: Settings) -> list[Row]:
             if steady_row.status != "ok":
                 row.fail(f"steady run on the backlog: {steady_row.note}")
     finally:
-        rows[-1].extra["keys_deleted"] = await drop_redis_prefix(settings.redis_url, prefix)
+        if prefix:
+            rows[-1].extra["keys_deleted"] = await drop_redis_prefix(settings.redis_url, prefix)
     return rows
 
 

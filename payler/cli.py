@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import click
 
-from payler import __version__, config, logs
+from payler import __version__, config, eventloop, logs
 from payler.admin.commands import COMMANDS
 from payler.errors import ConfigError, StartupError
 from payler.runtime import Runtime
@@ -103,7 +103,7 @@ def main(
         click.echo(f"{config_file}: OK, {len(loaded.workflows)} workflow(s)")
         sys.exit(EXIT_OK)
     try:
-        asyncio.run(_serve(Runtime(loaded)))
+        eventloop.run(_serve(Runtime(loaded)))
     except (ConfigError, StartupError) as exc:
         _fail(exc)
     sys.exit(EXIT_OK)

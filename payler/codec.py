@@ -3,6 +3,18 @@
 JSON has no bytes, datetimes or decimals, and AMQP headers can carry all three, nested in tables
 and arrays. Each such value is written as a one-key object whose key names its type; plain JSON
 values are written as they are. ``decode(encode(v)) == v`` for every value AMQP can carry.
+
+orjson does the work where it gives exactly what the standard library's :mod:`json` gives, and
+that module everything else, so the text and the values never depend on which one ran:
+
+- writing: orjson, unless a float is in the value (orjson writes ``1e-05`` as ``0.00001`` and
+  NaN as ``null``: the content digests of :mod:`payler.identity` would change, and NaN would be
+  lost) or an integer beyond 64 bits, a lone surrogate (orjson refuses both: the standard path
+  then writes the integer, or raises the error that names the surrogate);
+- reading: orjson, unless it refuses the text (NaN or Infinity, which :mod:`json` wrote, a lone
+  surrogate, anything malformed: the standard path reads it or raises the error that says why)
+  or what it read holds a float (an integer beyond 64 bits comes back from orjson as a float:
+  the standard path reads it exactly).
 """
 
 from __future__ import annotations
@@ -12,6 +24,8 @@ import json
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 _BYTES = "__bytes__"
 _DATETIME = "__datetime__"
@@ -79,6 +93,49 @@ def _untag(tag: str, inner: Any, depth: int) -> Any:
     raise AssertionError(f"unknown tag {tag!r}")  # _TAGS and this function list the same tags
 
 
+class _Slow(Exception):
+    """The value holds what only the standard library's :mod:`json` handles exactly."""
+
+
+def _fast_from_jsonable(value: Any, depth: int = 0) -> Any:
+    """:func:`from_jsonable` that raises :class:`_Slow` on a float (see the module docstring)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep")
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:  # most header values
+        return value
+    if isinstance(value, dict):
+        if len(value) == 1:
+            ((tag, inner),) = value.items()
+            if tag in _TAGS:
+                if tag == _TABLE and isinstance(inner, dict):
+                    return {k: _fast_from_jsonable(v, depth + 1) for k, v in inner.items()}
+                return _untag(tag, inner, depth)
+        return {k: _fast_from_jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fast_from_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, float):
+        raise _Slow
+    return value
+
+
+def _fast_to_jsonable(value: Any, depth: int = 0) -> Any:
+    """:func:`to_jsonable` that raises :class:`_Slow` on a float (see the module docstring)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep")
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:  # most header values
+        return value
+    if isinstance(value, dict):
+        table = {str(k): _fast_to_jsonable(v, depth + 1) for k, v in value.items()}
+        return {_TABLE: table} if len(table) == 1 and next(iter(table)) in _TAGS else table
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_fast_to_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, float):
+        raise _Slow
+    return to_jsonable(value, depth)  # a scalar: as it is, or tagged
+
+
 def dumps(value: Any) -> str:
     """Compact, lossless JSON text of ``value``; ``ValueError`` if it cannot be stored.
 
@@ -86,6 +143,12 @@ def dumps(value: Any) -> str:
     writes for a string cut inside an emoji, ``"\\ud83d"``) is refused here, not by a storage
     or a broker later.
     """
+    try:
+        return orjson.dumps(_fast_to_jsonable(value)).decode("utf-8")
+    except (_Slow, orjson.JSONEncodeError):
+        pass  # the standard library's path below: exact, or the error that says why
+    except RecursionError:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep") from None
     try:
         text = json.dumps(to_jsonable(value), separators=(",", ":"), ensure_ascii=False)
     except RecursionError:
@@ -96,6 +159,13 @@ def dumps(value: Any) -> str:
 
 def loads(text: str | bytes) -> Any:
     """Inverse of :func:`dumps`; ``ValueError`` on anything it did not make."""
+    try:
+        # orjson refuses lone surrogates (raw or escaped), so what it reads needs no check.
+        return _fast_from_jsonable(orjson.loads(text))
+    except (_Slow, orjson.JSONDecodeError):
+        pass  # the standard library's path below: exact, or the error that says why
+    except RecursionError:
+        raise ValueError(f"headers nested more than {MAX_DEPTH} levels deep") from None
     try:
         value = json.loads(text)
         if isinstance(text, str):

@@ -32,7 +32,7 @@ import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from payler import logs
+from payler import eventloop, logs
 from payler.backoff import Backoff
 from payler.clock import Clock, SystemClock
 from payler.config import Loaded, LoadedWorkflow
@@ -71,6 +71,7 @@ class Runtime:
         settings = self.loaded.config
         stopping = asyncio.Event()  # set by ``stop`` or by a fatal error
         fatal: list[BaseException] = []
+        log.info("event loop: %s", eventloop.describe(asyncio.get_running_loop()))
         for w in self.loaded.workflows:  # JSON log lines name the workflow
             logs.workflow_names[f"payler.workflow.{w.index}"] = w.name
         self.contexts = [

@@ -320,3 +320,82 @@ def test_from_stored_never_raises_for_its_metadata(meta: str) -> None:
     assert payload.defect.startswith("the spool entry's metadata cannot be read")
     assert (payload.id, payload.body, payload.attempts) == ("p", b"raw", 2)  # the columns kept
     assert payload.headers == {STORED_META: meta.encode()}  # for the dead letter to show
+
+
+# -- orjson where it is exact, the standard library everywhere else -------------------------------
+
+#: Header-like values of every kind the codec takes (floats included: they take the slow path).
+header_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)  # every code point but lone surrogates: those are refused
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["__table__", "__bytes__", "k", "\x00", "é"]) | st.text(max_size=4),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+def standard_dumps(value: Any) -> str:
+    """What the codec wrote before orjson: the standard library's text."""
+    return json.dumps(codec.to_jsonable(value), separators=(",", ":"), ensure_ascii=False)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(header_values)
+def test_the_text_is_the_standard_librarys_whichever_path_wrote_it(value: Any) -> None:
+    # The same text: content digests (payler.identity) and stored entries do not change.
+    text = codec.dumps(value)
+    assert text == standard_dumps(value)
+    back = codec.loads(text)
+    assert codec.dumps(back) == text  # NaN != NaN: compared through its text
+    assert codec.dumps(codec.loads(text.encode())) == text  # bytes read the same
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        2**64,  # beyond orjson's integers: written and read by the standard library
+        -(2**63) - 1,
+        2**64 - 1,
+        -(2**63),
+        10**30,
+        [1, 2**100, "x"],
+        {"n": -(10**25)},
+    ],
+    ids=repr,
+)
+def test_integers_of_any_size_come_back_exactly(value: Any) -> None:
+    back = round_trip(value)
+    assert back == value
+    assert type(back) is type(value)
+    if isinstance(value, list):
+        assert all(type(a) is type(b) for a, b in zip(back, value, strict=True))
+
+
+@pytest.mark.parametrize("text", ["1e-05", "[0.1,1e+16]", "NaN", "-Infinity", "1E400"])
+def test_floats_are_read_as_the_standard_library_reads_them(text: str) -> None:
+    assert codec.dumps(codec.loads(text)) == json.dumps(json.loads(text), separators=(",", ":"))
+
+
+def test_nan_and_infinity_round_trip() -> None:
+    for value in (float("nan"), float("inf"), float("-inf"), [float("nan")]):
+        text = codec.dumps(value)
+        assert text == standard_dumps(value)
+        assert codec.dumps(codec.loads(text)) == text
+
+
+def test_nul_and_control_characters_round_trip_escaped() -> None:
+    value = {"a\x00b": "\x00\x01\x1f\x7f\n\u2028"}
+    text = codec.dumps(value)
+    assert "\x00" not in text and "\\u0000" in text
+    assert text == standard_dumps(value)
+    assert codec.loads(text) == value

@@ -446,7 +446,7 @@ def run(app: Application, *, log_level: str = "INFO", **options: Any) -> None:
     """
     from pydantic import ValidationError  # noqa: PLC0415 - only this entry needs them
 
-    from payler import cli, logs  # noqa: PLC0415
+    from payler import cli, eventloop, logs  # noqa: PLC0415
     from payler.config import Loaded, LoadedWorkflow, PaylerConfig, WorkflowConfig  # noqa: PLC0415
     from payler.errors import ConfigError, StartupError  # noqa: PLC0415
     from payler.http.settings import resolve  # noqa: PLC0415
@@ -469,7 +469,7 @@ def run(app: Application, *, log_level: str = "INFO", **options: Any) -> None:
         http=resolve(None, os.environ, where="PAYLER_HTTP_PORT"),
     )
     try:
-        asyncio.run(cli._serve(Runtime(loaded)))
+        eventloop.run(cli._serve(Runtime(loaded)))
     except (ConfigError, StartupError) as exc:
         cli._fail(exc)
 

@@ -162,6 +162,21 @@ class _DueBoard:
 _board = _DueBoard()
 
 
+async def _finish(settling: asyncio.Future[None]) -> None:
+    """Wait for a batch's settling (ack, retries, dead letters) to end; its error is raised.
+
+    A cancellation does not stop it (nor the storage's close under it: that would cost a
+    duplicate of every entry of the batch): it is waited for, at most :data:`SETTLE_TIMEOUT_S`,
+    then the cancellation goes on.
+    """
+    try:
+        await asyncio.shield(settling)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(settling, SETTLE_TIMEOUT_S)
+        raise
+
+
 class SpoolStorage(BaseDriver):
     """A spool storage; see the module docstring for the contract."""
 
@@ -384,6 +399,11 @@ class SpoolStorage(BaseDriver):
         """
         settings = settings or WatchSettings()
         watcher = _Watcher()
+        # The settling (ack) of the batch handed over last, while the next batch is claimed and
+        # handed over: one settle in flight at most, finished before the next one starts, before
+        # the loop sleeps and before it returns. A storage that commits writes together (SQLite)
+        # then commits that ack and the next claim in one transaction.
+        settling: asyncio.Future[None] | None = None
         try:
             # Before the first query: a store that commits while it runs must still wake us.
             await self._start_wakeups()
@@ -395,12 +415,20 @@ class SpoolStorage(BaseDriver):
                     self.metrics.observe_lateness(
                         lateness_ms(now_ms, c.payload.due_ms, c.payload.created_ms) for c in claims
                     )
-                    await self._hand_over(handler, claims, settings)
+                    # (_hand_over finishes the previous settling, even when it raises.)
+                    settling = await self._hand_over(handler, claims, settings, settling)
                     continue
+                if settling is not None:
+                    last, settling = settling, None
+                    await _finish(last)
                 await self._wait_for_due(watcher, stop, settings)
         finally:
-            _board.remove(self.url, watcher)
-            await asyncio.shield(self._stop_wakeups())
+            try:
+                if settling is not None and not settling.done():
+                    await _finish(settling)
+            finally:
+                _board.remove(self.url, watcher)
+                await asyncio.shield(self._stop_wakeups())
 
     def _stored_elsewhere(self, earliest_due_ms: int) -> None:
         """For backends: another process stored (or rescheduled) entries, the earliest due at
@@ -408,8 +436,14 @@ class SpoolStorage(BaseDriver):
         _board.stored(self.url, earliest_due_ms)
 
     async def _hand_over(
-        self, handler: Handler, claims: Sequence[Claim], settings: WatchSettings
-    ) -> None:
+        self,
+        handler: Handler,
+        claims: Sequence[Claim],
+        settings: WatchSettings,
+        previous: asyncio.Future[None] | None,
+    ) -> asyncio.Future[None]:
+        """Hand ``claims`` to ``handler``; finish the ``previous`` batch's settling; start this
+        batch's (returned: the caller finishes it with :func:`_finish`)."""
         try:
             handed = await handler([c.payload for c in claims])
         except Exception as exc:
@@ -421,8 +455,16 @@ class SpoolStorage(BaseDriver):
             # Not counted as attempts: an outage says nothing about these payloads, and a long one
             # must not dead-letter them. The workflow's restart backoff bounds the cycles.
             with contextlib.suppress(Exception):  # the storage may be down too: leases expire
+                if previous is not None:
+                    await _finish(previous)
                 await asyncio.shield(self._settle([], claims, failed, settings, counted=False))
             raise
+        except BaseException:
+            if previous is not None:
+                await _finish(previous)
+            raise
+        if previous is not None:
+            await _finish(previous)
         rejections = {r.payload_id: r for r in handed}
         done = [c for c in claims if c.payload.id not in rejections]
         confirmed_ms = self.clock.now_ms()
@@ -432,13 +474,7 @@ class SpoolStorage(BaseDriver):
         # Settling runs to its end: once the destination has the payloads, a cancellation (the
         # grace period running out) must not stop us between the publish and the delete, nor
         # let the storage be closed under it; that would cost a duplicate of every entry.
-        settling = asyncio.ensure_future(self._settle(done, claims, rejections, settings))
-        try:
-            await asyncio.shield(settling)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(settling, SETTLE_TIMEOUT_S)
-            raise
+        return asyncio.ensure_future(self._settle(done, claims, rejections, settings))
 
     async def _settle(
         self,

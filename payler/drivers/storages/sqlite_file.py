@@ -19,7 +19,11 @@ file system, disk full, file gone).
 **One connection per file and process**, on a thread of its own: every
 :class:`~payler.drivers.storages.sqlite.SQLiteStorage` of a process that names the file shares
 one :class:`SpoolFile`, and each operation is one call on its thread, so two workflows'
-transactions never interleave (and exclusive mode, where one connection owns the file, works).
+transactions never interleave (and exclusive mode, where one connection owns the file, works),
+and neither waits in SQLite's busy handler for the other. Writes that queue up while the thread
+is busy (the ingest's store, the watcher's claim and the previous batch's ack) are committed
+together: one transaction and one journal sync for all of them, each in a savepoint of its own
+(:meth:`SpoolFile.write`).
 
 **The path must still name the open file.** Removing the spool's directory (or replacing the
 file) while payler runs leaves the connection writing into a file that no one can open again:
@@ -33,15 +37,16 @@ not, the write is an outage, never a success: the source keeps its messages.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
 import sqlite3
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from payler.errors import StartupError, TransientError
 
@@ -68,6 +73,12 @@ _opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
 )
 
 
+#: A write waiting for the file's thread: the work, its caller's future, the caller's loop.
+_Queued = tuple[
+    Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop
+]
+
+
 class _Gone(Exception):
     """The path no longer names the file the connection has open."""
 
@@ -86,6 +97,8 @@ class SpoolFile:
         self._identity: dict[Path, tuple[int, int]] = {}
         self._db: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"payler-sqlite-{path.name}")
+        #: Writes waiting for the file's thread: (work, its future, its loop); see :meth:`write`.
+        self._queued: collections.deque[_Queued] = collections.deque()
 
     # -- running work on the file's thread -------------------------------------------------------
 
@@ -94,13 +107,86 @@ class SpoolFile:
         return await self._call(lambda: work(self._connection()))
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work(connection)`` in one ``IMMEDIATE`` transaction; return once it is
-        committed into the file that the path still names (else raise an outage)."""
-        return await self._call(lambda: self._transaction(work))
+        """Run ``work(connection)`` in an ``IMMEDIATE`` transaction; return once it is
+        committed into the file that the path still names (else raise an outage).
+
+        Writes that queue up while the file's thread is busy commit together (group commit):
+        one transaction, one journal sync, each write inside a savepoint of its own, so that
+        one write's error about a value rolls back that write alone. An outage (the disk, the
+        lock, the file gone) fails every write of the group, none of which is then committed.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queued.append((work, future, loop))
+        return await self._guard(self._flush_on_thread(loop, future))
+
+    async def _flush_on_thread(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[T]
+    ) -> T:
+        # Every write asks for a flush; the first to run takes every write queued by then, the
+        # others find their writes done (or find nothing queued) and return at once.
+        await loop.run_in_executor(self._thread, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        """On the file's thread: commit every queued write in one transaction."""
+        group = []
+        while self._queued:
+            queued = self._queued.popleft()
+            if not queued[1].cancelled():  # its caller gave up before it ran: it never runs
+                group.append(queued)
+        if not group:
+            return
+        results: list[tuple[bool, object]] = []
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for work, _, _ in group:
+                    results.append(self._one_write(db, work))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the error at hand says more
+                        db.execute("ROLLBACK")
+                raise
+            self._verify()
+        except BaseException as exc:  # an outage: every write of the group fails with it
+            results = [(False, exc)] * len(group)
+        for (_, future, loop), (ok, value) in zip(group, results, strict=True):
+            loop.call_soon_threadsafe(_settle, future, ok, value)
+
+    @staticmethod
+    def _one_write(
+        db: sqlite3.Connection, work: Callable[[sqlite3.Connection], object]
+    ) -> tuple[bool, object]:
+        """One write of a group, in a savepoint: (True, its result) or (False, its error about
+        a value, rolled back alone). Any other error aborts the group (raised)."""
+        db.execute("SAVEPOINT payler_write")
+        try:
+            result = work(db)
+        except sqlite3.Error as exc:
+            if _is_outage(exc):
+                raise
+            db.execute("ROLLBACK TO payler_write")
+            db.execute("RELEASE payler_write")
+            return False, exc
+        except (_Gone, OSError):
+            raise
+        except Exception as exc:  # a bug in ``work``: its own failure, not the group's
+            db.execute("ROLLBACK TO payler_write")
+            db.execute("RELEASE payler_write")
+            return False, exc
+        db.execute("RELEASE payler_write")
+        return True, result
 
     async def _call(self, call: Callable[[], T]) -> T:
+        return await self._guard(asyncio.get_running_loop().run_in_executor(self._thread, call))
+
+    async def _guard(self, running: Awaitable[T]) -> T:
+        """Await ``running`` (work on the file's thread); its errors as payler reports them."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+            return await running
         except _Gone as exc:
             raise TransientError(str(exc)) from None
         except (sqlite3.Error, OSError) as exc:
@@ -117,20 +203,6 @@ class SpoolFile:
         if self._db is None:
             raise RuntimeError(f"the SQLite spool {str(self.path)!r} is closed")
         return self._db
-
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):  # the error at hand says more
-                    db.execute("ROLLBACK")
-            raise
-        self._verify()
-        return result
 
     # -- is it still the file the path names? ----------------------------------------------------
 
@@ -298,6 +370,16 @@ async def _open(
             if not (locked and shared) or loop.time() > deadline:
                 raise StartupError(_open_failure(path, exc)) from exc
         await asyncio.sleep(0.01 + random.random() * 0.05)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Resolve a write's future on its loop (unless its caller gave up on it)."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 def _is_outage(exc: sqlite3.Error) -> bool:

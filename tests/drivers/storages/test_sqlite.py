@@ -11,13 +11,16 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from payler import client
 from payler.clock import SystemClock
+from payler.drivers.storages.base import WatchSettings, _board
 from payler.drivers.storages.sqlite import SQLiteStorage, parse_url, path_of
 from payler.errors import ConfigError, StartupError, TransientError
 from payler.options import ProcessQueueOptions, WatchStorageOptions
@@ -487,3 +490,75 @@ async def test_a_full_disk_pauses_ingest_while_delivering_goes_on(
     assert {r.levelno for r in resumptions} == {logging.INFO}
     assert "less than the watermark of 3145728 bytes (min_free_bytes)" in pauses[0].getMessage()
     reset()
+
+
+# -- one process, two workflows: one connection, writes committed together, wake-ups ------------
+
+
+@LOCKING
+async def test_the_workflows_of_a_process_share_one_connection_and_wake_each_other(
+    tmp_path: Path, locking: str
+) -> None:
+    # process_queue stores, watch_storage watches: two storages of one file in one process.
+    # They share one connection (no lock contention, no busy-handler sleeps between them), and
+    # a store of an entry due sooner than the watcher's next poll (60 s here) wakes it at once.
+    url = f"sqlite:///{tmp_path}/spool.db{locking}"
+    ingest, watch = SQLiteStorage(url), SQLiteStorage(url, clock=SystemClock())
+    async with ingest, watch:
+        assert ingest.file is watch.file
+        await ingest.store([payload("far", due_ms=2**62)])
+        got = asyncio.Event()
+        seen: list[str] = []
+
+        async def handler(batch: list[Payload]) -> list[Any]:
+            seen.extend(p.id for p in batch)
+            got.set()
+            return []
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            watch.serve(handler, stop, settings=WatchSettings(max_poll_interval_s=60))
+        )
+        try:
+            for _ in range(200):  # bounded: until the watcher sleeps on the far entry
+                if any(w.wake_at_ms for w in _board._watchers.get(url, ())):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the watcher never went to sleep")
+            await ingest.store([payload("soon", due_ms=0)])
+            async with asyncio.timeout(10):  # far below the 60 s poll
+                await got.wait()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        assert seen == ["soon"]
+        assert await watch.count() == 1  # "soon" acked, "far" left
+
+
+async def test_writes_that_queue_up_commit_together_and_fail_alone(tmp_path: Path) -> None:
+    storage = SQLiteStorage(f"sqlite:///{tmp_path}/spool.db")
+    async with storage:
+        spool_file = storage.file
+        commits: list[str] = []
+        released = threading.Event()
+
+        def hold(db: sqlite3.Connection) -> None:  # keeps the file's thread busy
+            db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+            released.wait(10)
+
+        holding = asyncio.ensure_future(spool_file.read(hold))
+        good = asyncio.ensure_future(storage.store([payload("a"), payload("b")]))
+        # A value SQLite refuses (NOT NULL): that write alone fails.
+        bad = asyncio.ensure_future(
+            spool_file.write(lambda db: db.execute("INSERT INTO spool (id) VALUES ('x')"))
+        )
+        also_good = asyncio.ensure_future(storage.store([payload("c")]))
+        await asyncio.sleep(0.05)  # let the three queue behind the busy thread
+        released.set()
+        await holding
+        assert (await good, await also_good) == (2, 1)
+        with pytest.raises(sqlite3.IntegrityError):
+            await bad
+        assert commits == ["COMMIT"]  # one transaction for the three writes
+        assert sorted(p.id for p in (await storage.list(limit=10)).items) == ["a", "b", "c"]
