@@ -399,10 +399,11 @@ class SpoolStorage(BaseDriver):
         """
         settings = settings or WatchSettings()
         watcher = _Watcher()
-        # The settling (ack) of the batch handed over last, while the next batch is claimed and
-        # handed over: one settle in flight at most, finished before the next one starts, before
-        # the loop sleeps and before it returns. A storage that commits writes together (SQLite)
-        # then commits that ack and the next claim in one transaction.
+        # The settling (ack) of the batch handed over last runs while the next batch is claimed:
+        # a storage that commits writes together (SQLite) then commits that ack and the claim in
+        # one transaction. It is finished before the next batch is handed over (so a kill costs
+        # at most one batch published and not deleted, as before), before the loop sleeps and
+        # before it returns.
         settling: asyncio.Future[None] | None = None
         try:
             # Before the first query: a store that commits while it runs must still wake us.
@@ -415,8 +416,10 @@ class SpoolStorage(BaseDriver):
                     self.metrics.observe_lateness(
                         lateness_ms(now_ms, c.payload.due_ms, c.payload.created_ms) for c in claims
                     )
-                    # (_hand_over finishes the previous settling, even when it raises.)
-                    settling = await self._hand_over(handler, claims, settings, settling)
+                    if settling is not None:
+                        last, settling = settling, None
+                        await _finish(last)
+                    settling = await self._hand_over(handler, claims, settings)
                     continue
                 if settling is not None:
                     last, settling = settling, None
@@ -440,10 +443,9 @@ class SpoolStorage(BaseDriver):
         handler: Handler,
         claims: Sequence[Claim],
         settings: WatchSettings,
-        previous: asyncio.Future[None] | None,
     ) -> asyncio.Future[None]:
-        """Hand ``claims`` to ``handler``; finish the ``previous`` batch's settling; start this
-        batch's (returned: the caller finishes it with :func:`_finish`)."""
+        """Hand ``claims`` to ``handler``; start their settling (returned: the caller finishes
+        it with :func:`_finish`)."""
         try:
             handed = await handler([c.payload for c in claims])
         except Exception as exc:
@@ -455,16 +457,8 @@ class SpoolStorage(BaseDriver):
             # Not counted as attempts: an outage says nothing about these payloads, and a long one
             # must not dead-letter them. The workflow's restart backoff bounds the cycles.
             with contextlib.suppress(Exception):  # the storage may be down too: leases expire
-                if previous is not None:
-                    await _finish(previous)
                 await asyncio.shield(self._settle([], claims, failed, settings, counted=False))
             raise
-        except BaseException:
-            if previous is not None:
-                await _finish(previous)
-            raise
-        if previous is not None:
-            await _finish(previous)
         rejections = {r.payload_id: r for r in handed}
         done = [c for c in claims if c.payload.id not in rejections]
         confirmed_ms = self.clock.now_ms()
