@@ -399,7 +399,11 @@ def _set_up(db: sqlite3.Connection, path: Path) -> None:
             db.execute("ROLLBACK")
         raise
     if created:
-        log.warning("created a new, empty spool at %s; if one existed here, it is gone", path)
+        log.warning(
+            "created a new, empty spool at %s (right on a first start; otherwise the spool that "
+            "was here has been removed or moved)",
+            path,
+        )
     else:
         log.info(
             "opened the spool at %s: %d pending entries, %d dead",

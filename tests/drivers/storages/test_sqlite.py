@@ -135,7 +135,8 @@ async def test_a_new_spool_is_announced_loudly_an_existing_one_with_its_count(
     [created] = messages(caplog, "created a new, empty spool")
     assert created.levelno == logging.WARNING
     assert created.getMessage() == (
-        f"created a new, empty spool at {path}; if one existed here, it is gone"
+        f"created a new, empty spool at {path} (right on a first start; otherwise the spool "
+        "that was here has been removed or moved)"
     )
     [opened] = messages(caplog, "opened the spool")
     assert opened.levelno == logging.INFO
