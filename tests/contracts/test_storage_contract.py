@@ -754,9 +754,12 @@ class TestRedisStorage(StorageContract):
 
         return to_layout_0
 
+    #: Options added to the spool's URL (a subclass's key layout).
+    url_options = ""
+
     @pytest.fixture
     async def storage(self, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
-        url = f"{REDIS_URL}?prefix=test:{uuid.uuid4().hex}:"
+        url = f"{REDIS_URL}?prefix=test:{uuid.uuid4().hex}:{self.url_options}"
         async with RedisStorage(url, clock=clock) as s:
             try:
                 yield s
@@ -803,16 +806,7 @@ class TestShardedRedisStorage(TestRedisStorage):
     def downgrade(self) -> None:
         pytest.skip("a sharded spool has had its lookup sets from the start: nothing to upgrade")
 
-    @pytest.fixture
-    async def storage(self, clock: FakeClock) -> AsyncIterator[SpoolStorage]:
-        url = f"{REDIS_URL}?prefix=test:{uuid.uuid4().hex}:&shards=4"
-        async with RedisStorage(url, clock=clock) as s:
-            try:
-                yield s
-            finally:  # this test's keys only: other spools may share the server
-                keys = [key async for key in s.client.scan_iter(match=s.keys.match_all)]
-                if keys:
-                    await s.client.delete(*keys)
+    url_options = "&shards=4"
 
     async def write_without_digest(self, storage: SpoolStorage, stored: Payload) -> None:
         assert isinstance(storage, RedisStorage)
