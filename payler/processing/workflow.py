@@ -47,7 +47,7 @@ from payler.drivers.brokers.base import Broker
 from payler.drivers.storages import storage_from_url
 from payler.drivers.storages.base import SpoolStorage, WatchSettings
 from payler.faults import fault_point
-from payler.identity import is_content_id, random_spool_id
+from payler.identity import content_digest, is_content_id, random_spool_id
 from payler.isolation import isolate
 from payler.payload import Payload
 from payler.processing.application import Application, Delivery, Outcome
@@ -281,7 +281,9 @@ class Handling:
             else:
                 plan.outcome_of[entry.id] = outcome
                 plan.later.append(entry)
-        stored, unstorable = await isolate(storage.store, plan.later, "the spool cannot store it")
+        stored, unstorable = await isolate(
+            lambda batch: _store_outputs(storage, batch), plan.later, "the spool cannot store it"
+        )
         self.ctx.metrics.incr("spooled", sum(stored))
         for entry, reason in unstorable:  # a retry that cannot be stored: its message is dead
             retry = entry.destination == RETRY_DESTINATION
@@ -385,6 +387,22 @@ class _Plan:
             entry = _retry_entry(outcome)
             self.outcome_of[entry.id] = outcome
             self.later.append(entry)
+
+
+async def _store_outputs(storage: SpoolStorage, batch: Sequence[Payload]) -> int:
+    """Store delayed outputs and retry entries; return how many were new.
+
+    Their ids are deterministic (output *i* of source *S*), and a run again after a crash
+    stamps them with a new ``timestamp`` (the time of the run): the spool compares their
+    content without it, so that the second run's copy is recognised as the first's, while a
+    different message reusing a source's id (different body or headers) is still kept apart.
+    """
+    unstamped = [
+        p.model_copy(update={"properties": p.properties.model_copy(update={"timestamp_ms": None})})
+        for p in batch
+    ]
+    digests = [content_digest(p) for p in unstamped]
+    return len((await storage.store_batch(batch, digests=digests)).new)
 
 
 def _retry_entry(outcome: Outcome) -> Payload:
