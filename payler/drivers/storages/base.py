@@ -425,10 +425,18 @@ class SpoolStorage(BaseDriver):
                     last, settling = settling, None
                     await _finish(last)
                 await self._wait_for_due(watcher, stop, settings)
+            if settling is not None:  # stopped: the last batch's settling, its error raised
+                last, settling = settling, None
+                await _finish(last)
         finally:
             try:
-                if settling is not None and not settling.done():
-                    await _finish(settling)
+                if settling is None:
+                    pass
+                elif not settling.done():  # the loop failed: finish it all the same
+                    with contextlib.suppress(Exception):
+                        await _finish(settling)
+                elif not settling.cancelled():
+                    settling.exception()  # retrieved: the loop's own error is the one raised
             finally:
                 _board.remove(self.url, watcher)
                 await asyncio.shield(self._stop_wakeups())
