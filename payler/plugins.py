@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from collections.abc import Mapping
 from typing import Any
+
+from payler.errors import ConfigError
+from payler.urls import mask_url
 
 BROKER_GROUP = "payler.brokers"
 STORAGE_GROUP = "payler.storages"
@@ -71,4 +75,40 @@ def load(target: str) -> Any:
     return obj
 
 
-__all__ = ["load", "register_broker", "register_storage", "schemes", "target_for"]
+def known_schemes(group: str, builtins: Mapping[str, Any]) -> tuple[str, ...]:
+    """The built-in schemes (``builtins``' keys) and those of the plugins of ``group``."""
+    return (*builtins, *(s for s in schemes(group) if s not in builtins))
+
+
+def driver_class(
+    kind: str, group: str, builtins: Mapping[str, tuple[str, str]], scheme: str, url: str
+) -> Any:
+    """The class serving ``scheme``: built in (``builtins``: scheme → (module, class name),
+    imported on first use) or a plugin of ``group``. :class:`~payler.errors.ConfigError` naming
+    the ``kind`` ("broker", "storage") and the masked ``url`` when there is none or it cannot
+    be loaded."""
+    if scheme in builtins:
+        module_name, class_name = builtins[scheme]
+        return getattr(importlib.import_module(module_name), class_name)
+    target = target_for(group, scheme)
+    if target is None:
+        known = ", ".join(f"{s}://" for s in known_schemes(group, builtins))
+        raise ConfigError(f"{kind} URL {mask_url(url)!r}: unknown scheme; expected one of {known}")
+    try:
+        return load(target)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"{kind} URL {mask_url(url)!r}: the plugin {target!r} for {scheme}:// cannot be "
+            f"loaded: {exc}"
+        ) from None
+
+
+__all__ = [
+    "driver_class",
+    "known_schemes",
+    "load",
+    "register_broker",
+    "register_storage",
+    "schemes",
+    "target_for",
+]

@@ -12,14 +12,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 from payler import plugins
 from payler.clock import Clock
 from payler.drivers.storages.base import DEFAULT_DEDUPE_WINDOW_MS, SpoolStorage
-from payler.errors import ConfigError
 from payler.metrics import Metrics
-from payler.urls import mask_url
 
 _BACKENDS: dict[str, tuple[str, str]] = {
     "sqlite": ("payler.drivers.storages.sqlite", "SQLiteStorage"),
@@ -54,26 +50,14 @@ HARD_MAX_BODY_BYTES: dict[str, int] = {
 
 def known_schemes() -> tuple[str, ...]:
     """The built-in schemes and those of plugins (:mod:`payler.plugins`)."""
-    return (*_BACKENDS, *(s for s in plugins.schemes(plugins.STORAGE_GROUP) if s not in _BACKENDS))
+    return plugins.known_schemes(plugins.STORAGE_GROUP, _BACKENDS)
 
 
 def _backend(scheme: str, url: str) -> type[SpoolStorage]:
-    if scheme in _BACKENDS:
-        module_name, class_name = _BACKENDS[scheme]
-        backend: type[SpoolStorage] = getattr(importlib.import_module(module_name), class_name)
-        return backend
-    target = plugins.target_for(plugins.STORAGE_GROUP, scheme)
-    if target is None:
-        known = ", ".join(f"{s}://" for s in known_schemes())
-        raise ConfigError(f"storage URL {mask_url(url)!r}: unknown scheme; expected one of {known}")
-    try:
-        loaded: type[SpoolStorage] = plugins.load(target)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"storage URL {mask_url(url)!r}: the plugin {target!r} for {scheme}:// cannot be "
-            f"loaded: {exc}"
-        ) from None
-    return loaded
+    backend: type[SpoolStorage] = plugins.driver_class(
+        "storage", plugins.STORAGE_GROUP, _BACKENDS, scheme, url
+    )
+    return backend
 
 
 def storage_from_url(
